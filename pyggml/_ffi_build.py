@@ -91,6 +91,7 @@ def build_cdef(include_dir: Path, cuda: bool, cc: str) -> tuple[str, list[str]]:
     cdef = cleanup(preprocess(include_dir, headers, cc))
     defines = integer_defines(include_dir, headers)
     cdef += "\n" + "".join(f"#define {name} ...\n" for name in defines)
+    cdef += "#define PYGGML_HAS_CUDA ...\n"
     cdef += PYTHON_CALLBACKS
     return cdef, headers
 

@@ -1,0 +1,21 @@
+"""pyggml: Python bindings to ggml.
+
+``pyggml.raw`` is the C API as the headers declare it (cffi, generated at build time); the names here are a thin
+Pythonic layer over it: contexts that build graphs with checked ops, tensors with numpy in and out, backends that
+allocate and compute, graph print and DOT export, and ggml's logs routed to the ``pyggml.ggml`` logger.
+"""
+from . import log
+from .backend import (Backend, Buffer, Device, GraphAllocator, RawBuffer, backend_names, commit, cuda_available,
+                      cuda_device_count, devices, version)
+from .context import Context
+from .errors import BackendUnavailable, GGMLError, OutOfContextMemory, ShapeError
+from .graph import Graph
+from .raw import HAS_CUDA
+from .tensor import Tensor
+from .types import Type
+
+log.install()
+
+__all__ = ["Backend", "Buffer", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
+           "cuda_available", "cuda_device_count", "version", "commit", "Context", "Graph", "Tensor", "Type",
+           "GGMLError", "ShapeError", "BackendUnavailable", "OutOfContextMemory", "HAS_CUDA", "log"]
