@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 from .context import Context
@@ -65,7 +66,7 @@ def backend_names() -> list[str]:
 class Buffer:
     """Backend memory holding the tensors of one context (weights, KV caches, inputs)."""
 
-    def __init__(self, ptr, backend: "Backend", ctx: Context):
+    def __init__(self, ptr, backend: "Backend", ctx: Context | None):
         self.ptr = ptr
         self.backend = backend
         self.ctx = ctx  # the tensors described there live in this buffer: keep both alive together
@@ -104,10 +105,20 @@ class GraphAllocator:
     def __init__(self, backend: "Backend"):
         self.backend = backend
         self.ptr = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(backend.ptr))
+        self._last = None
         if self.ptr == ffi.NULL:
             raise MemoryError("ggml_gallocr_new failed")
 
     def alloc(self, graph: Graph) -> None:
+        # ggml_gallocr_alloc_graph reuses the previous plan whenever the tensor sizes still fit, without comparing
+        # the graphs' structure: a plan made for another graph (its in-place reuse of an input, say) can then
+        # overlap live tensors. Plan afresh for every new graph; recomputing the same graph keeps its plan.
+        last = self._last() if self._last is not None else None
+        if last is not graph:
+            if not lib.ggml_gallocr_reserve(self.ptr, graph.ptr):
+                raise MemoryError(f"{self.backend.name}: could not reserve memory for a graph of "
+                                  f"{graph.n_nodes} nodes")
+            self._last = weakref.ref(graph)
         if not lib.ggml_gallocr_alloc_graph(self.ptr, graph.ptr):
             raise MemoryError(f"{self.backend.name}: could not allocate memory for a graph of {graph.n_nodes} nodes")
 
@@ -128,6 +139,7 @@ class Backend:
     """A ggml backend: ``Backend("cpu", threads=N)`` or ``Backend("cuda", device=i)``."""
 
     def __init__(self, kind: str = "cpu", *, threads: int | None = None, device: int = 0):
+        self.ptr, self._allocator = ffi.NULL, None
         kind = kind.lower()
         if kind.startswith("cuda:"):
             kind, device = "cuda", int(kind.split(":", 1)[1])
@@ -200,7 +212,8 @@ class Backend:
     def _check_leafs(self, graph: Graph) -> None:
         for leaf in graph.leafs():
             p = leaf.ptr
-            if p.data == ffi.NULL and p.view_src == ffi.NULL:
+            if p.data == ffi.NULL and p.view_src == ffi.NULL and not p.flags & lib.GGML_TENSOR_FLAG_INPUT:
+                # the graph allocator would give it scratch memory: a forgotten weight would read garbage
                 raise GGMLError(f"graph input {leaf!r} has no memory: allocate its context with "
                                 "Backend.alloc_tensors (or give it data) before compute")
             buf = p.buffer if p.view_src == ffi.NULL else p.view_src.buffer
@@ -208,15 +221,30 @@ class Backend:
                 raise GGMLError(f"{leaf!r} lives in a {string(lib.ggml_backend_buffer_name(buf))} buffer that the "
                                 f"{self.name} backend cannot read")
 
-    def compute(self, graph: Graph, allocator: GraphAllocator | None = None) -> Graph:
-        """Allocate the graph's intermediate tensors and compute it; results are read with ``tensor.get()``."""
+    def compute(self, graph: Graph, inputs: dict | None = None, allocator: GraphAllocator | None = None,
+                check: bool = True) -> Graph:
+        """Allocate the graph's intermediate tensors, write ``inputs`` ({tensor: array}, tensors of the graph's
+        context marked ``set_input()``), and compute; results are read with ``tensor.get()``.
+
+        ``check=False`` skips the per-node checks (leaf memory, backend support): for hot loops that rebuild
+        one already-checked graph shape, such as a decode step.
+        """
         if not isinstance(graph, Graph):
             raise TypeError(f"compute takes a pyggml Graph, not {type(graph).__name__}")
+        inputs = inputs or {}
+        for t in inputs:
+            if not t.ptr.flags & lib.GGML_TENSOR_FLAG_INPUT:
+                raise GGMLError(f"{t!r} is not marked as a graph input (call .set_input() when creating it), so "
+                                "the allocator may have reused its memory")
+        if check:
+            self._check_leafs(graph)
         (allocator or self.allocator).alloc(graph)
-        self._check_leafs(graph)
-        for node in graph.nodes():
-            if not self.supports(node):
-                raise GGMLError(f"the {self.name} backend cannot compute {node!r}")
+        for t, arr in inputs.items():
+            t.set(arr)
+        if check:
+            for node in graph.nodes():
+                if not self.supports(node):
+                    raise GGMLError(f"the {self.name} backend cannot compute {node!r}")
         status = lib.ggml_backend_graph_compute(self.ptr, graph.ptr)
         if status != lib.GGML_STATUS_SUCCESS:
             raise GGMLError(f"{self.name}: graph compute failed with status {status}")

@@ -1,0 +1,24 @@
+"""Shared fixtures: small random checkpoints written by tortoise-tts 3.0.0's own classes (tests/reference)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """tests/reference/oracle.py, imported with the torchaudio stand-in in place (needs torch + tortoise-tts)."""
+    pytest.importorskip("torch")
+    from reference import oracle as o
+    return o
+
+
+@pytest.fixture(scope="session")
+def small_ckpt_dir(oracle, tmp_path_factory):
+    """A models dir like the release's, with random weights at the small config (zero-initialised params
+    randomised so a dropped block cannot still match)."""
+    out = tmp_path_factory.mktemp("ckpt_small")
+    oracle.save_all("small", str(out), seed=0)
+    return out

@@ -1,0 +1,110 @@
+"""Graph blocks shared by every Tortoise model, written once: linear, norms, 1-D convolutions, attention.
+
+Layout conventions (ggml ``ne`` order, fastest dimension first):
+  * sequence data, torch (B, T, D)    -> ne (D, T, B)
+  * channel data,  torch (B, C, T)    -> ne (T, C, B)   (the same memory as torch's contiguous tensor)
+Weights keep torch's shapes (numpy order), so a torch Linear weight (out, in) has ne (in, out) and a Conv1d weight
+(out, in, k) has ne (k, in, out).
+"""
+from __future__ import annotations
+
+import math
+
+from pyggml import Context, Tensor
+
+
+def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """torch Linear on sequence data: x ne (in, T, B) -> ne (out, T, B)."""
+    y = ctx.mul_mat(w, x)
+    return ctx.add(y, b) if b is not None else y
+
+
+def layer_norm(ctx: Context, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over ne[0]."""
+    y = ctx.norm(x, eps)
+    if w is not None:
+        y = ctx.mul(y, w)
+    if b is not None:
+        y = ctx.add(y, b)
+    return y
+
+
+def channel_vector(ctx: Context, v: Tensor) -> Tensor:
+    """A per-channel vector (C,) as ne (1, C), to broadcast over the time axis of channel data."""
+    return ctx.reshape(v, 1, v.ne[0])
+
+
+def group_norm(ctx: Context, x: Tensor, w: Tensor | None, b: Tensor | None, groups: int, eps: float) -> Tensor:
+    """torch GroupNorm on channel data x ne (T, C, B)."""
+    t, c, n = x.ne[0], x.ne[1], x.ne[2]
+    if not x.is_contiguous:
+        x = ctx.cont(x)
+    y = ctx.reshape(ctx.group_norm(ctx.reshape(x, t, 1, c, n), groups, eps), t, c, n)
+    if w is not None:
+        y = ctx.mul(y, channel_vector(ctx, w))
+    if b is not None:
+        y = ctx.add(y, channel_vector(ctx, b))
+    return y
+
+
+def conv1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, stride: int = 1, padding: int = 0,
+           dilation: int = 1) -> Tensor:
+    """torch Conv1d on channel data: x ne (T, C_in, B), w ne (K, C_in, C_out) -> ne (T_out, C_out, B).
+
+    im2col in F32 then one matrix product: ggml_conv_1d's F16 im2col would lose precision.
+    """
+    k, c_in, c_out = w.ne[0], w.ne[1], w.ne[2]
+    if k == 1 and stride == 1 and padding == 0:
+        # a 1x1 conv is a Linear over channels: no unfold needed
+        xt = ctx.cont(ctx.transpose(x))                       # ne (C_in, T, B)
+        y = ctx.mul_mat(ctx.reshape(w, c_in, c_out), xt)      # ne (C_out, T, B)
+        y = ctx.cont(ctx.transpose(y))                        # ne (T, C_out, B)
+    else:
+        cols = ctx.im2col(w, x, stride, 0, padding, 0, dilation, 0, False)    # ne (K*C_in, T_out, B)
+        wm = ctx.reshape(w if w.is_contiguous else ctx.cont(w), k * c_in, c_out)
+        if cols.ne[2] == 1:
+            # one sample: cols^T @ W gives (T_out, C_out) directly, saving a transpose of the output
+            y = ctx.mul_mat(cols, ctx.cast(wm, "f32") if wm.type != cols.type else wm)
+        else:
+            y = ctx.cont(ctx.transpose(ctx.mul_mat(wm, cols)))
+    if b is not None:
+        y = ctx.add(y, channel_vector(ctx, b))
+    return y
+
+
+def conv_transpose1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, stride: int = 1,
+                     padding: int = 0, output_padding: int = 0) -> Tensor:
+    """torch ConvTranspose1d on channel data of one sample: x ne (T, C_in), w (torch (C_in, C_out, K)) ne
+    (K, C_out, C_in) -> ne (T_out, C_out) with T_out = (T-1)*stride - 2*padding + K + output_padding.
+
+    ggml computes the unpadded result; torch's padding crops ``padding`` samples from each end.
+    """
+    full = ctx.conv_transpose_1d(w, x, stride)                # ne ((T-1)*s + K, C_out)
+    t_out = (x.ne[0] - 1) * stride - 2 * padding + w.ne[0] + output_padding
+    if padding or output_padding:
+        if output_padding > padding:
+            full = ctx.pad(full, output_padding - padding)
+        full = ctx.view(full, (t_out, full.ne[1]), offset=padding * full.nb[0])
+        full = ctx.cont(full)
+    if b is not None:
+        full = ctx.add(full, channel_vector(ctx, b))
+    return full
+
+
+def attention(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+              scale: float | None = None) -> Tensor:
+    """softmax(scale q k^T + mask) v with heads: q ne (D, T_q, H, B), k/v ne (D, T_kv, H, B) (any strides).
+
+    Returns ne (D*H, T_q, B): heads concatenated per position, as torch's merge-heads gives.
+    ``mask``: F16 ne (T_kv, T_q padded, 1|H, 1|B) with 0 / -inf, as ggml_flash_attn_ext takes it.
+    """
+    d, h, tq, n = q.ne[0], q.ne[2], q.ne[1], q.ne[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = ctx.flash_attn_ext(q, k, v, mask, scale)            # ne (D, H, T_q, B)
+    return ctx.reshape(out, d * h, tq, n)
+
+
+def split_heads(ctx: Context, x: Tensor, heads: int) -> Tensor:
+    """ne (H*D, T, B) -> a view ne (D, T, H, B)."""
+    hd, t, n = x.ne[0], x.ne[1], x.ne[2]
+    return ctx.permute(ctx.reshape(x if x.is_contiguous else ctx.cont(x), hd // heads, heads, t, n), 0, 2, 1, 3)
