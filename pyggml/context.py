@@ -34,9 +34,10 @@ def _rows_contiguous(t: Tensor) -> bool:
     return bool(lib.ggml_is_contiguous_1(t.ptr))
 
 
-def _require(cond: bool, msg: str) -> None:
+def _require(cond: bool, msg) -> None:
+    """Raise ShapeError unless ``cond``; ``msg`` may be a callable, so that hot paths build no message text."""
     if not cond:
-        raise ShapeError(msg)
+        raise ShapeError(msg() if callable(msg) else msg)
 
 
 def _need_float(t: Tensor, op: str, types=(Type.F32,)) -> None:
@@ -152,9 +153,9 @@ class Context:
     def reshape(self, a: Tensor, *ne: int) -> Tensor:
         _t(a)
         ne = tuple(int(n) for n in (ne[0] if len(ne) == 1 and isinstance(ne[0], (tuple, list)) else ne))
-        _require(1 <= len(ne) <= 4, f"reshape: 1 to 4 dims, got {ne}")
-        _require(a.is_contiguous, f"reshape: {a!r} is not contiguous (ctx.cont first)")
-        _require(int(np.prod(ne)) == a.nelements, f"reshape: {a!r} has {a.nelements} elements, ne={ne} has {int(np.prod(ne))}")
+        _require(1 <= len(ne) <= 4, lambda: f"reshape: 1 to 4 dims, got {ne}")
+        _require(a.is_contiguous, lambda: f"reshape: {a!r} is not contiguous (ctx.cont first)")
+        _require(int(np.prod(ne)) == a.nelements, lambda: f"reshape: {a!r} has {a.nelements} elements, ne={ne} has {int(np.prod(ne))}")
         fn = [None, lib.ggml_reshape_1d, lib.ggml_reshape_2d, lib.ggml_reshape_3d, lib.ggml_reshape_4d][len(ne)]
         return self._wrap(fn, a, *ne)
 
@@ -162,22 +163,51 @@ class Context:
         """ggml_view_Nd: ``ne`` in ggml order, ``nb`` the strides of dims 1.. in bytes (default: a's strides)."""
         _t(a)
         ne = [int(n) for n in ne]
-        _require(1 <= len(ne) <= 4, f"view: 1 to 4 dims, got {ne}")
+        _require(1 <= len(ne) <= 4, lambda: f"view: 1 to 4 dims, got {ne}")
         nb = list(a.nb[1:len(ne)]) if nb is None else [int(x) for x in nb]
-        _require(len(nb) == len(ne) - 1, f"view: {len(ne)}-d view takes {len(ne) - 1} strides, got {len(nb)}")
+        _require(len(nb) == len(ne) - 1, lambda: f"view: {len(ne)}-d view takes {len(ne) - 1} strides, got {len(nb)}")
         _require(offset >= 0, "view: negative offset")
         size = lib.ggml_row_size(a.ptr.type, ne[0]) if ne[0] else 0
         for n, s in zip(ne[1:], nb):
             size = max(size, size + (n - 1) * s) if n else 0
         _require(size + offset <= a.nbytes or 0 in ne,
-                 f"view: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches past the {a.nbytes} bytes of {a!r}")
+                 lambda: f"view: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches past the {a.nbytes} bytes of {a!r}")
         fn = [None, lib.ggml_view_1d, lib.ggml_view_2d, lib.ggml_view_3d, lib.ggml_view_4d][len(ne)]
         return self._wrap(fn, a, *ne, *nb, int(offset))
+
+    def view_strided(self, a: Tensor, ne: Sequence[int], nb: Sequence[int], offset: int = 0) -> Tensor:
+        """A view whose rows may overlap, such as the windows of a convolution (row t = K*C floats from t*C on).
+
+        ggml_view_* asserts that the view's element count fits in the source, which overlapping rows exceed, so the
+        view is made as one element and then given its shape. The check here is the one that matters: every byte
+        the view reaches lies inside ``a``. Rows (ne[0]) are contiguous; ``nb`` are the strides of dims 1.. in
+        bytes. Read it (mul_mat, cont, ...); never write through it.
+        """
+        _t(a)
+        ne = [int(n) for n in ne]
+        nb = [int(x) for x in nb]
+        _require(1 <= len(ne) <= 4, lambda: f"view_strided: 1 to 4 dims, got {ne}")
+        _require(len(nb) == len(ne) - 1, lambda: f"view_strided: {len(ne)}-d view takes {len(ne) - 1} strides, got {len(nb)}")
+        _require(min(ne) > 0 and min(nb, default=0) >= 0 and offset >= 0, lambda: f"view_strided: bad ne={ne} nb={nb}")
+        _require(not is_quantized(a.type), lambda: f"view_strided: {a!r} is quantized")
+        es = a.nb[0]
+        reach = offset + ne[0] * es + sum((n - 1) * s for n, s in zip(ne[1:], nb))
+        _require(reach <= a.nbytes, lambda: f"view_strided: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches byte "
+                                    f"{reach}, past the {a.nbytes} bytes of {a!r}")
+        out = self._wrap(lib.ggml_view_1d, a, 1, int(offset))
+        ne4, nb4 = ne + [1] * (4 - len(ne)), [es] + nb + [0] * (3 - len(nb))
+        for i in range(1, 4):  # strides of unit dims are never stepped, but keep them monotone like ggml does
+            if nb4[i] == 0:
+                nb4[i] = nb4[i - 1] * ne4[i - 1]
+        for i in range(4):
+            out.ptr.ne[i] = ne4[i]
+            out.ptr.nb[i] = nb4[i]
+        return out
 
     def permute(self, a: Tensor, a0: int, a1: int, a2: int, a3: int) -> Tensor:
         """ggml_permute: source dim i goes to position a_i."""
         _t(a)
-        _require(sorted((a0, a1, a2, a3)) == [0, 1, 2, 3], f"permute: ({a0}, {a1}, {a2}, {a3}) is not a permutation of 0..3")
+        _require(sorted((a0, a1, a2, a3)) == [0, 1, 2, 3], lambda: f"permute: ({a0}, {a1}, {a2}, {a3}) is not a permutation of 0..3")
         return self._wrap(lib.ggml_permute, a, a0, a1, a2, a3)
 
     def transpose(self, a: Tensor) -> Tensor:
@@ -187,13 +217,13 @@ class Context:
         _t(a)
         if not ne:
             return self._wrap(lib.ggml_cont, a)
-        _require(int(np.prod(ne)) == a.nelements, f"cont: {a!r} has {a.nelements} elements, ne={ne} has {int(np.prod(ne))}")
+        _require(int(np.prod(ne)) == a.nelements, lambda: f"cont: {a!r} has {a.nelements} elements, ne={ne} has {int(np.prod(ne))}")
         fn = [None, lib.ggml_cont_1d, lib.ggml_cont_2d, lib.ggml_cont_3d, lib.ggml_cont_4d][len(ne)]
         return self._wrap(fn, a, *ne)
 
     def cpy(self, a: Tensor, b: Tensor) -> Tensor:
         _t(a), _t(b)
-        _require(a.nelements == b.nelements, f"cpy: {a!r} and {b!r} differ in element count")
+        _require(a.nelements == b.nelements, lambda: f"cpy: {a!r} and {b!r} differ in element count")
         return self._wrap(lib.ggml_cpy, a, b)
 
     def cast(self, a: Tensor, type) -> Tensor:
@@ -201,15 +231,15 @@ class Context:
 
     def repeat(self, a: Tensor, b: Tensor) -> Tensor:
         _t(a), _t(b)
-        _require(_can_repeat(a, b), f"repeat: {a!r} does not tile {b!r}")
+        _require(_can_repeat(a, b), lambda: f"repeat: {a!r} does not tile {b!r}")
         return self._wrap(lib.ggml_repeat, a, b)
 
     def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor:
         _t(a), _t(b)
-        _require(0 <= dim < 4, f"concat: dim must be 0..3, got {dim}")
-        _require(a.type == b.type, f"concat: types differ ({a!r}, {b!r})")
+        _require(0 <= dim < 4, lambda: f"concat: dim must be 0..3, got {dim}")
+        _require(a.type == b.type, lambda: f"concat: types differ ({a!r}, {b!r})")
         for d in range(4):
-            _require(d == dim or a.ne[d] == b.ne[d], f"concat along {dim}: ne[{d}] differs ({a!r}, {b!r})")
+            _require(d == dim or a.ne[d] == b.ne[d], lambda: f"concat along {dim}: ne[{d}] differs ({a!r}, {b!r})")
         return self._wrap(lib.ggml_concat, a, b, dim)
 
     def pad(self, a: Tensor, p0: int = 0, p1: int = 0, p2: int = 0, p3: int = 0) -> Tensor:
@@ -227,16 +257,16 @@ class Context:
     def pad_reflect_1d(self, a: Tensor, p0: int, p1: int) -> Tensor:
         _t(a)
         _require(p0 >= 0 and p1 >= 0, "pad_reflect_1d: negative padding")
-        _require(p0 < a.ne[0] and p1 < a.ne[0], f"pad_reflect_1d: padding ({p0}, {p1}) must be shorter than ne[0]={a.ne[0]}")
-        _require(a.is_contiguous, f"pad_reflect_1d: {a!r} is not contiguous")
+        _require(p0 < a.ne[0] and p1 < a.ne[0], lambda: f"pad_reflect_1d: padding ({p0}, {p1}) must be shorter than ne[0]={a.ne[0]}")
+        _require(a.is_contiguous, lambda: f"pad_reflect_1d: {a!r} is not contiguous")
         _need_float(a, "pad_reflect_1d")
         return self._wrap(lib.ggml_pad_reflect_1d, a, p0, p1)
 
     # -- elementwise -------------------------------------------------------------------------------------------
     def _binary(self, fn, name: str, a: Tensor, b: Tensor) -> Tensor:
         _t(a), _t(b)
-        _require(_can_repeat(b, a), f"{name}: {b!r} does not broadcast to {a!r}")
-        _require(not is_quantized(a.type) and not is_quantized(b.type), f"{name}: quantized operands")
+        _require(_can_repeat(b, a), lambda: f"{name}: {b!r} does not broadcast to {a!r}")
+        _require(not is_quantized(a.type) and not is_quantized(b.type), lambda: f"{name}: quantized operands")
         return self._wrap(fn, a, b)
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
@@ -270,7 +300,7 @@ class Context:
     def _unary(self, fn, name: str, a: Tensor, *args) -> Tensor:
         _t(a)
         _need_float(a, name, _FLOAT_TYPES)
-        _require(_rows_contiguous(a), f"{name}: rows of {a!r} are not contiguous (ctx.cont first)")
+        _require(_rows_contiguous(a), lambda: f"{name}: rows of {a!r} are not contiguous (ctx.cont first)")
         return self._wrap(fn, a, *args)
 
     def gelu(self, a: Tensor) -> Tensor:
@@ -299,7 +329,7 @@ class Context:
     def leaky_relu(self, a: Tensor, negative_slope: float) -> Tensor:
         _t(a)
         _need_float(a, "leaky_relu", (Type.F32, Type.F16))
-        _require(_rows_contiguous(a), f"leaky_relu: rows of {a!r} are not contiguous")
+        _require(_rows_contiguous(a), lambda: f"leaky_relu: rows of {a!r} are not contiguous")
         return self._wrap(lib.ggml_leaky_relu, a, float(negative_slope), False)
 
     def sqr(self, a: Tensor) -> Tensor:
@@ -325,7 +355,7 @@ class Context:
     def argmax(self, a: Tensor) -> Tensor:
         _t(a)
         _need_float(a, "argmax")
-        _require(a.ne[2] == 1 and a.ne[3] == 1, f"argmax: needs a matrix, got {a!r}")
+        _require(a.ne[2] == 1 and a.ne[3] == 1, lambda: f"argmax: needs a matrix, got {a!r}")
         return self._wrap(lib.ggml_argmax, a)
 
     # -- linear algebra ----------------------------------------------------------------------------------------
@@ -336,10 +366,10 @@ class Context:
         ``mul_mat(W, x)`` has numpy shape (..., n, out): the same as ``x @ W.T``.
         """
         _t(a, "a"), _t(b, "b")
-        _require(a.ne[0] == b.ne[0], f"mul_mat: inner dims differ, {a!r} vs {b!r}")
-        _require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, f"mul_mat: {a!r} does not broadcast over {b!r}")
-        _require(not a.nb[0] > a.nb[1], f"mul_mat: {a!r} is transposed (ctx.cont it first)")
-        _require(b.type in (Type.F32, Type.F16), f"mul_mat: b must be F32 or F16, got {b!r}")
+        _require(a.ne[0] == b.ne[0], lambda: f"mul_mat: inner dims differ, {a!r} vs {b!r}")
+        _require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, lambda: f"mul_mat: {a!r} does not broadcast over {b!r}")
+        _require(not a.nb[0] > a.nb[1], lambda: f"mul_mat: {a!r} is transposed (ctx.cont it first)")
+        _require(b.type in (Type.F32, Type.F16), lambda: f"mul_mat: b must be F32 or F16, got {b!r}")
         out = self._wrap(lib.ggml_mul_mat, a, b)
         if precise:
             lib.ggml_mul_mat_set_prec(out.ptr, lib.GGML_PREC_F32)
@@ -350,20 +380,20 @@ class Context:
         """(a - mean) / sqrt(var + eps) over ne[0] (LayerNorm without affine)."""
         _t(a)
         _need_float(a, "norm")
-        _require(a.nb[0] == 4, f"norm: elements of {a!r} are not contiguous")
+        _require(a.nb[0] == 4, lambda: f"norm: elements of {a!r} are not contiguous")
         return self._wrap(lib.ggml_norm, a, float(eps))
 
     def rms_norm(self, a: Tensor, eps: float) -> Tensor:
         _t(a)
         _need_float(a, "rms_norm")
-        _require(a.nb[0] == 4, f"rms_norm: elements of {a!r} are not contiguous")
+        _require(a.nb[0] == 4, lambda: f"rms_norm: elements of {a!r} are not contiguous")
         return self._wrap(lib.ggml_rms_norm, a, float(eps))
 
     def l2_norm(self, a: Tensor, eps: float) -> Tensor:
         """a / max(||a||, eps) over ne[0]."""
         _t(a)
         _need_float(a, "l2_norm")
-        _require(a.nb[0] == 4, f"l2_norm: elements of {a!r} are not contiguous")
+        _require(a.nb[0] == 4, lambda: f"l2_norm: elements of {a!r} are not contiguous")
         return self._wrap(lib.ggml_l2_norm, a, float(eps))
 
     def group_norm(self, a: Tensor, n_groups: int, eps: float) -> Tensor:
@@ -373,30 +403,30 @@ class Context:
         """
         _t(a)
         _need_float(a, "group_norm")
-        _require(a.is_contiguous, f"group_norm: {a!r} is not contiguous")
-        _require(n_groups > 0 and a.ne[2] % n_groups == 0, f"group_norm: {n_groups} groups do not split ne[2]={a.ne[2]}")
+        _require(a.is_contiguous, lambda: f"group_norm: {a!r} is not contiguous")
+        _require(n_groups > 0 and a.ne[2] % n_groups == 0, lambda: f"group_norm: {n_groups} groups do not split ne[2]={a.ne[2]}")
         return self._wrap(lib.ggml_group_norm, a, int(n_groups), float(eps))
 
     # -- attention ---------------------------------------------------------------------------------------------
     def soft_max(self, a: Tensor) -> Tensor:
         _t(a)
         _need_float(a, "soft_max")
-        _require(a.is_contiguous, f"soft_max: {a!r} is not contiguous")
+        _require(a.is_contiguous, lambda: f"soft_max: {a!r} is not contiguous")
         return self._wrap(lib.ggml_soft_max, a)
 
     def soft_max_ext(self, a: Tensor, mask: Tensor | None, scale: float, max_bias: float = 0.0) -> Tensor:
         """softmax(a * scale + mask) over ne[0]; mask (F16/F32) broadcasts over ne[2], ne[3]."""
         _t(a)
         _need_float(a, "soft_max_ext")
-        _require(a.is_contiguous, f"soft_max_ext: {a!r} is not contiguous")
+        _require(a.is_contiguous, lambda: f"soft_max_ext: {a!r} is not contiguous")
         if mask is not None:
             _t(mask, "mask")
-            _require(mask.type in (Type.F16, Type.F32), f"soft_max_ext: mask must be F16/F32, got {mask!r}")
-            _require(mask.is_contiguous, f"soft_max_ext: mask {mask!r} is not contiguous")
+            _require(mask.type in (Type.F16, Type.F32), lambda: f"soft_max_ext: mask must be F16/F32, got {mask!r}")
+            _require(mask.is_contiguous, lambda: f"soft_max_ext: mask {mask!r} is not contiguous")
             _require(mask.ne[0] == a.ne[0] and mask.ne[1] >= a.ne[1],
-                     f"soft_max_ext: mask {mask!r} does not cover {a!r}")
+                     lambda: f"soft_max_ext: mask {mask!r} does not cover {a!r}")
             _require(a.ne[2] % mask.ne[2] == 0 and a.ne[3] % mask.ne[3] == 0,
-                     f"soft_max_ext: mask {mask!r} does not broadcast over {a!r}")
+                     lambda: f"soft_max_ext: mask {mask!r} does not broadcast over {a!r}")
         _require(max_bias == 0 or mask is not None, "soft_max_ext: max_bias (ALiBi) needs a mask")
         return self._wrap(lib.ggml_soft_max_ext, a, mask.ptr if mask is not None else ffi.NULL, float(scale),
                           float(max_bias))
@@ -414,19 +444,19 @@ class Context:
         Result ne is (D_v, H, n_q, B): heads and queries swapped, ready to be reshaped to (D_v*H, n_q, B).
         """
         _t(q, "q"), _t(k, "k"), _t(v, "v")
-        _require(k.ne[0] == q.ne[0], f"flash_attn_ext: head size of q {q!r} and k {k!r} differ")
-        _require(q.ne[2] % k.ne[2] == 0, f"flash_attn_ext: {q.ne[2]} query heads are not a multiple of {k.ne[2]} kv heads")
+        _require(k.ne[0] == q.ne[0], lambda: f"flash_attn_ext: head size of q {q!r} and k {k!r} differ")
+        _require(q.ne[2] % k.ne[2] == 0, lambda: f"flash_attn_ext: {q.ne[2]} query heads are not a multiple of {k.ne[2]} kv heads")
         _require(q.ne[3] == k.ne[3] == v.ne[3], "flash_attn_ext: batch (ne[3]) of q, k, v differ")
-        _require(k.ne[1] == v.ne[1] and k.ne[2] == v.ne[2], f"flash_attn_ext: k {k!r} and v {v!r} do not match")
-        _require(q.type == Type.F32, f"flash_attn_ext: q must be F32, got {q!r}")
+        _require(k.ne[1] == v.ne[1] and k.ne[2] == v.ne[2], lambda: f"flash_attn_ext: k {k!r} and v {v!r} do not match")
+        _require(q.type == Type.F32, lambda: f"flash_attn_ext: q must be F32, got {q!r}")
         if mask is not None:
             _t(mask, "mask")
-            _require(mask.type == Type.F16, f"flash_attn_ext: mask must be F16, got {mask!r}")
+            _require(mask.type == Type.F16, lambda: f"flash_attn_ext: mask must be F16, got {mask!r}")
             _require(mask.is_contiguous, "flash_attn_ext: mask is not contiguous")
             _require(mask.ne[0] == k.ne[1] and mask.ne[1] >= q.ne[1],
-                     f"flash_attn_ext: mask {mask!r} must be (n_kv={k.ne[1]}, >= n_q={q.ne[1]})")
+                     lambda: f"flash_attn_ext: mask {mask!r} must be (n_kv={k.ne[1]}, >= n_q={q.ne[1]})")
             _require(q.ne[2] % mask.ne[2] == 0 and q.ne[3] % mask.ne[3] == 0,
-                     f"flash_attn_ext: mask {mask!r} does not broadcast over the heads/batch of {q!r}")
+                     lambda: f"flash_attn_ext: mask {mask!r} does not broadcast over the heads/batch of {q!r}")
         _require(max_bias == 0 or mask is not None, "flash_attn_ext: max_bias (ALiBi) needs a mask")
         out = self._wrap(lib.ggml_flash_attn_ext, q, k, v, mask.ptr if mask is not None else ffi.NULL,
                          float(scale), float(max_bias), float(logit_softcap))
@@ -440,20 +470,20 @@ class Context:
         """Unfold ``x`` for a convolution with ``kernel``'s shape. 1-D: kernel ne (K, C_in, C_out), x ne (L, C_in, B)
         -> ne (K*C_in, L_out, B); then mul_mat(kernel reshaped to (K*C_in, C_out), cols) is the convolution."""
         _t(kernel, "kernel"), _t(x, "x")
-        _require(min(s0, d0) > 0 and p0 >= 0, f"im2col: bad stride/dilation/padding s0={s0} d0={d0} p0={p0}")
+        _require(min(s0, d0) > 0 and p0 >= 0, lambda: f"im2col: bad stride/dilation/padding s0={s0} d0={d0} p0={p0}")
         dst = as_type(dst_type)
         _require(dst in (Type.F32, Type.F16), "im2col: dst_type must be F32 or F16")
         _need_float(x, "im2col", (Type.F32, Type.F16))
         if is_2d:
-            _require(min(s1, d1) > 0 and p1 >= 0, f"im2col: bad s1={s1} d1={d1} p1={p1}")
-            _require(kernel.ne[2] == x.ne[2], f"im2col: channels of kernel {kernel!r} and input {x!r} differ")
+            _require(min(s1, d1) > 0 and p1 >= 0, lambda: f"im2col: bad s1={s1} d1={d1} p1={p1}")
+            _require(kernel.ne[2] == x.ne[2], lambda: f"im2col: channels of kernel {kernel!r} and input {x!r} differ")
             oh = (x.ne[1] + 2 * p1 - d1 * (kernel.ne[1] - 1) - 1) // s1 + 1
-            _require(oh > 0, f"im2col: input {x!r} is too small for kernel {kernel!r}")
+            _require(oh > 0, lambda: f"im2col: input {x!r} is too small for kernel {kernel!r}")
         else:
-            _require(kernel.ne[1] == x.ne[1], f"im2col: channels of kernel {kernel!r} and input {x!r} differ")
-            _require(x.ne[3] == 1, f"im2col (1-D): ne[3] of {x!r} must be 1")
+            _require(kernel.ne[1] == x.ne[1], lambda: f"im2col: channels of kernel {kernel!r} and input {x!r} differ")
+            _require(x.ne[3] == 1, lambda: f"im2col (1-D): ne[3] of {x!r} must be 1")
         ow = (x.ne[0] + 2 * p0 - d0 * (kernel.ne[0] - 1) - 1) // s0 + 1
-        _require(ow > 0, f"im2col: input {x!r} is too small for kernel {kernel!r}")
+        _require(ow > 0, lambda: f"im2col: input {x!r} is too small for kernel {kernel!r}")
         return self._wrap(lib.ggml_im2col, kernel, x, s0, s1, p0, p1, d0, d1, bool(is_2d), int(dst))
 
     def conv_transpose_1d(self, kernel: Tensor, x: Tensor, s0: int, p0: int = 0, d0: int = 1) -> Tensor:
@@ -462,9 +492,9 @@ class Context:
         _t(kernel, "kernel"), _t(x, "x")
         _require(p0 == 0 and d0 == 1, "conv_transpose_1d: ggml supports only p0=0, d0=1 (crop the output instead)")
         _require(s0 > 0, "conv_transpose_1d: stride must be positive")
-        _require(x.ne[2] == 1 and x.ne[3] == 1, f"conv_transpose_1d: input must be 2-D (L, C_in), got {x!r}")
+        _require(x.ne[2] == 1 and x.ne[3] == 1, lambda: f"conv_transpose_1d: input must be 2-D (L, C_in), got {x!r}")
         _require(kernel.ne[2] == x.ne[1] and kernel.ne[3] == 1,
-                 f"conv_transpose_1d: kernel {kernel!r} expects {kernel.ne[2]} input channels, input {x!r}")
+                 lambda: f"conv_transpose_1d: kernel {kernel!r} expects {kernel.ne[2]} input channels, input {x!r}")
         _need_float(kernel, "conv_transpose_1d", (Type.F32, Type.F16))
         _need_float(x, "conv_transpose_1d")
         return self._wrap(lib.ggml_conv_transpose_1d, kernel, x, s0, p0, d0)
@@ -478,27 +508,27 @@ class Context:
         if mode not in modes:
             raise ValueError(f"interpolate: mode must be one of {sorted(modes)}, got {mode!r}")
         ne = list(ne) + [1] * (4 - len(ne))
-        _require(all(n > 0 for n in ne), f"interpolate: bad target ne={tuple(ne)}")
+        _require(all(n > 0 for n in ne), lambda: f"interpolate: bad target ne={tuple(ne)}")
         return self._wrap(lib.ggml_interpolate, a, *[int(n) for n in ne], modes[mode])
 
     # -- embeddings and rows -----------------------------------------------------------------------------------
     def get_rows(self, a: Tensor, ids: Tensor) -> Tensor:
         """Rows ``ids`` (I32, ne (n, B1, B2)) of ``a`` (ne (D, rows, B1, B2)) -> ne (D, n, B1, B2), as F32."""
         _t(a), _t(ids, "ids")
-        _require(ids.type == Type.I32, f"get_rows: ids must be I32, got {ids!r}")
+        _require(ids.type == Type.I32, lambda: f"get_rows: ids must be I32, got {ids!r}")
         _require(a.ne[2] == ids.ne[1] and a.ne[3] == ids.ne[2] and ids.ne[3] == 1,
-                 f"get_rows: ids {ids!r} do not match the batch dims of {a!r}")
+                 lambda: f"get_rows: ids {ids!r} do not match the batch dims of {a!r}")
         return self._wrap(lib.ggml_get_rows, a, ids)
 
     def set_rows(self, a: Tensor, b: Tensor, ids: Tensor) -> Tensor:
         """Write rows of ``b`` into ``a`` at ``ids`` (in place; returns the view to depend on)."""
         _t(a), _t(b), _t(ids, "ids")
         _require(a.ne[0] == b.ne[0] and a.ne[2] == b.ne[2] and a.ne[3] == b.ne[3],
-                 f"set_rows: rows of {b!r} do not fit {a!r}")
+                 lambda: f"set_rows: rows of {b!r} do not fit {a!r}")
         _require(b.ne[1] == ids.ne[0] and b.ne[2] % ids.ne[1] == 0 and b.ne[3] % ids.ne[2] == 0 and ids.ne[3] == 1,
-                 f"set_rows: ids {ids!r} do not match {b!r}")
-        _require(b.type in (Type.F32, Type.F16), f"set_rows: source must be F32/F16, got {b!r}")
-        _require(ids.type in (Type.I32, Type.I64), f"set_rows: ids must be I32/I64, got {ids!r}")
+                 lambda: f"set_rows: ids {ids!r} do not match {b!r}")
+        _require(b.type in (Type.F32, Type.F16), lambda: f"set_rows: source must be F32/F16, got {b!r}")
+        _require(ids.type in (Type.I32, Type.I64), lambda: f"set_rows: ids must be I32/I64, got {ids!r}")
         _require(bool(lib.ggml_is_contiguous_rows(a.ptr)) and bool(lib.ggml_is_contiguous_rows(b.ptr)),
                  "set_rows: rows must be contiguous")
         return self._wrap(lib.ggml_set_rows, a, b, ids)
@@ -507,9 +537,40 @@ class Context:
         """[cos | sin] sinusoidal embedding of 1-D F32 timesteps -> ne (dim, n)."""
         _t(timesteps)
         _need_float(timesteps, "timestep_embedding")
-        _require(timesteps.n_dims == 1, f"timestep_embedding: timesteps must be 1-D, got {timesteps!r}")
+        _require(timesteps.n_dims == 1, lambda: f"timestep_embedding: timesteps must be 1-D, got {timesteps!r}")
         _require(dim > 0, "timestep_embedding: dim must be positive")
         return self._wrap(lib.ggml_timestep_embedding, timesteps, int(dim), int(max_period))
+
+    # -- rotary embeddings and gated units ----------------------------------------------------------------------
+    def rope_neox(self, a: Tensor, positions: Tensor, n_dims: int, freq_base: float = 10000.0) -> Tensor:
+        """Rotary position embedding in the rotate-half ("NeoX") form on the first ``n_dims`` of each row:
+        with h = n_dims/2 and theta_i = pos * freq_base^(-2i/n_dims), element i becomes x_i cos - x_(i+h) sin and
+        element i+h becomes x_i sin + x_(i+h) cos; elements n_dims.. are copied.
+
+        a: F32 ne (D, H, T, B) (rows contiguous, any other strides); positions: I32 ne (T).
+        """
+        _t(a), _t(positions, "positions")
+        _need_float(a, "rope_neox")
+        _require(a.nb[0] == 4, lambda: f"rope_neox: elements of {a!r} are not contiguous")
+        _require(positions.type == Type.I32 and positions.n_dims == 1,
+                 lambda: f"rope_neox: positions must be a 1-D I32 tensor, got {positions!r}")
+        _require(positions.ne[0] == a.ne[2], lambda: f"rope_neox: {positions.ne[0]} positions for ne[2]={a.ne[2]} of {a!r}")
+        _require(0 < n_dims <= a.ne[0] and n_dims % 2 == 0,
+                 lambda: f"rope_neox: n_dims={n_dims} must be even and within ne[0]={a.ne[0]}")
+        _require(freq_base > 0, "rope_neox: freq_base must be positive")
+        # ext_factor 0, attn_factor 1, freq_scale 1: plain RoPE (the YaRN parameters then have no effect)
+        return self._wrap(lib.ggml_rope_ext, a, positions, ffi.NULL, int(n_dims), lib.GGML_ROPE_TYPE_NEOX, 0,
+                          float(freq_base), 1.0, 0.0, 1.0, 0.0, 0.0)
+
+    def geglu_erf(self, a: Tensor, swapped: bool = False) -> Tensor:
+        """Gated exact GELU over halves of ne[0]: gelu_erf(first half) * second half, or with ``swapped``
+        first half * gelu_erf(second half) (x-transformers' GLU: ``x, gate = proj.chunk(2); x * gelu(gate)``)."""
+        _t(a)
+        _need_float(a, "geglu_erf", (Type.F32, Type.F16))
+        _require(a.ne[0] % 2 == 0, lambda: f"geglu_erf: ne[0] of {a!r} must be even")
+        _require(_rows_contiguous(a), lambda: f"geglu_erf: rows of {a!r} are not contiguous (ctx.cont first)")
+        fn = lib.ggml_geglu_erf_swapped if swapped else lib.ggml_geglu_erf
+        return self._wrap(fn, a)
 
     # -- escape hatch ------------------------------------------------------------------------------------------
     def op(self, name: str, *args) -> Tensor:
