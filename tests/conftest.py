@@ -22,3 +22,17 @@ def small_ckpt_dir(oracle, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt_small")
     oracle.save_all("small", str(out), seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_gguf(small_ckpt_dir, tmp_path_factory):
+    """``small_ckpt_dir`` converted to one f32 GGUF (every component, tokenizer, mel norms)."""
+    from tortoise_ggml.convert import convert
+    return convert(small_ckpt_dir, tmp_path_factory.mktemp("gguf_small") / "tortoise-small-f32.gguf", type="f32")
+
+
+@pytest.fixture(scope="session")
+def small_gguf_q8(small_ckpt_dir, tmp_path_factory):
+    """``small_ckpt_dir`` converted with --type q8_0 (2-D weight matrices q8_0, the rest F32)."""
+    from tortoise_ggml.convert import convert
+    return convert(small_ckpt_dir, tmp_path_factory.mktemp("gguf_small_q8") / "tortoise-small-q8_0.gguf", type="q8_0")

@@ -1,0 +1,234 @@
+"""Load a tortoise-ggml GGUF file (docs/gguf-format.md) into one backend buffer.
+
+    be = pyggml.Backend("cpu")
+    with ModelFile("tortoise.gguf", be, components=["vocoder"]) as mf:
+        hp = mf.hparams("vocoder")                      # {'noise_dim': 64, 'strides': [8, 8, 4], ...}
+        w = mf.weights("vocoder")["conv_pre.weight"]    # pyggml.Tensor in the backend, original state-dict key
+
+The file is memory-mapped (gguf.GGUFReader) and each tensor's bytes are copied once, straight from the map into
+the backend buffer. No torch and no tortoise-tts here.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+import pyggml as pg
+from pyggml.raw import ffi, lib
+
+from .names import (ARCHITECTURE, COMPONENTS, FORMAT_VERSION, MEL_NORMS_TENSOR, VOICE_PARTS, tensor_name,
+                    voice_tensor_name)
+
+_PER_COMPONENT_INTERNAL = ("keys", "file")  # per-component metadata that is not a hyperparameter
+
+
+class Weights(Mapping):
+    """One component's tensors by original state-dict key."""
+
+    def __init__(self, component: str, tensors: dict[str, pg.Tensor]):
+        self.component = component
+        self._tensors = tensors
+
+    def __getitem__(self, key: str) -> pg.Tensor:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise KeyError(f"{self.component} has no weight {key!r}") from None
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"<Weights {self.component}: {len(self)} tensors>"
+
+
+def _open_reader(path: str):
+    import gguf
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors for damaged files
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _field_value(field):
+    import gguf
+    value = field.contents()
+    if field.types and field.types[0] == gguf.GGUFValueType.BOOL:
+        return bool(value)
+    return value
+
+
+class ModelFile:
+    """A tortoise-ggml GGUF file with the tensors of ``components`` (default: all in the file) in ``backend``."""
+
+    def __init__(self, path, backend: pg.Backend, components=None):
+        self.path = os.fspath(path)
+        if not isinstance(backend, pg.Backend):
+            raise TypeError(f"ModelFile needs a pyggml.Backend to load into, not {type(backend).__name__}")
+        self.backend = backend
+        self._reader = _open_reader(self.path)
+        self.metadata = {name: _field_value(f) for name, f in self._reader.fields.items()
+                         if not name.startswith("GGUF.")}
+        self._check_header()
+        self.available_components = list(self.metadata[f"{ARCHITECTURE}.components"])
+        self.components = self._select(components)
+        self._by_name = {t.name: t for t in self._reader.tensors}
+        self._check_extents()
+        self._ctx = None
+        self.buffer = None
+        self._weights: dict[str, Weights] = {}
+        self._load()
+
+    # -- validation ----------------------------------------------------------------------------------------------
+    def _check_header(self) -> None:
+        arch = self.metadata.get("general.architecture")
+        if arch != ARCHITECTURE:
+            raise ValueError(f"{self.path}: general.architecture is {arch!r}, not {ARCHITECTURE!r}: not a "
+                             "tortoise-ggml file")
+        version = self.metadata.get(f"{ARCHITECTURE}.format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{self.path}: format version {version!r}, this tortoise-ggml reads version "
+                             f"{FORMAT_VERSION}: reconvert the checkpoints with python -m tortoise_ggml.convert")
+        if f"{ARCHITECTURE}.components" not in self.metadata:
+            raise ValueError(f"{self.path}: no {ARCHITECTURE}.components metadata")
+
+    def _select(self, components) -> list[str]:
+        if components is None:
+            return list(self.available_components)
+        if isinstance(components, str):
+            components = [components]
+        components = list(dict.fromkeys(components))
+        missing = [c for c in components if c not in self.available_components]
+        if missing:
+            raise ValueError(f"{self.path}: holds no {', '.join(missing)} (it has "
+                             f"{', '.join(self.available_components)})")
+        return components
+
+    def _check_extents(self) -> None:
+        size = os.path.getsize(self.path)
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise ValueError(f"{self.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def _component_tensors(self, component: str) -> list[tuple[str, object]]:
+        keys = self.metadata.get(f"{ARCHITECTURE}.{component}.keys")
+        if not keys:
+            raise ValueError(f"{self.path}: no key list for {component}")
+        out = []
+        for key in keys:
+            name = tensor_name(component, key)
+            if name not in self._by_name:
+                raise ValueError(f"{self.path}: {component} key {key!r} has no tensor {name!r}")
+            out.append((key, self._by_name[name]))
+        return out
+
+    def _load(self) -> None:
+        plan = {c: self._component_tensors(c) for c in self.components}
+        n = sum(len(v) for v in plan.values())
+        if n == 0:
+            return
+        self._ctx = pg.Context(lib.ggml_tensor_overhead() * (n + 1) + 4096, max_tensors=n + 1)
+        made = {}
+        for c, entries in plan.items():
+            tensors = {}
+            for key, rt in entries:
+                tensors[key] = self._ctx.new_tensor(int(rt.tensor_type), [int(x) for x in rt.shape], rt.name)
+                made[rt.name] = (tensors[key], rt)
+            self._weights[c] = Weights(c, tensors)
+        self.buffer = self.backend.alloc_tensors(self._ctx)
+        self.buffer.set_usage_weights()
+        for t, rt in made.values():
+            if t.nbytes != rt.n_bytes:
+                raise ValueError(f"{self.path}: tensor {rt.name!r} holds {rt.n_bytes} bytes, its shape and type "
+                                 f"need {t.nbytes}")
+        if self.buffer.is_host:
+            # read straight into backend memory: one copy, and no mapped file pages adding the model's size
+            # to the process's resident memory a second time
+            with open(self.path, "rb", buffering=0) as f:
+                for t, rt in made.values():
+                    self._read_into(f, rt, ffi.buffer(t.ptr.data, rt.n_bytes))
+        else:
+            for t, rt in made.values():  # device memory: one copy from the file mapping
+                lib.ggml_backend_tensor_set(t.ptr, ffi.from_buffer(rt.data), 0, rt.n_bytes)
+
+    def _read_into(self, f, rt, dst) -> None:
+        view, done = memoryview(dst), 0
+        while done < rt.n_bytes:
+            n = os.preadv(f.fileno(), [view[done:]], rt.data_offset + done)
+            if n <= 0:
+                raise ValueError(f"{self.path}: tensor {rt.name!r} runs past the end of the file (truncated?)")
+            done += n
+
+    # -- access --------------------------------------------------------------------------------------------------
+    def hparams(self, component: str) -> dict:
+        """The component's hyperparameters (python ints, floats, bools, lists), named as tortoise's constructor
+        arguments."""
+        if component not in self.available_components:
+            raise KeyError(f"{self.path} holds no {component!r} (it has {', '.join(self.available_components)})")
+        prefix = f"{ARCHITECTURE}.{component}."
+        return {k[len(prefix):]: v for k, v in self.metadata.items()
+                if k.startswith(prefix) and k[len(prefix):] not in _PER_COMPONENT_INTERNAL}
+
+    def weights(self, component: str) -> Weights:
+        try:
+            return self._weights[component]
+        except KeyError:
+            known = "loaded" if component in COMPONENTS else "a tortoise component"
+            raise KeyError(f"{component!r} is not {known} (loaded: {', '.join(self.components)})") from None
+
+    @property
+    def tokenizer_json(self) -> str:
+        return self.metadata[f"{ARCHITECTURE}.tokenizer.json"]
+
+    def _array(self, name: str) -> np.ndarray:
+        t = self._by_name.get(name)
+        if t is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return np.array(t.data, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+
+    @property
+    def mel_norms(self) -> np.ndarray:
+        return self._array(MEL_NORMS_TENSOR)
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self.metadata.get(f"{ARCHITECTURE}.voices", []))
+
+    def voice(self, name: str) -> dict[str, np.ndarray]:
+        """A stored voice's conditioning latents: {'autoregressive': (1, d), 'diffusion': (1, 2*c)}."""
+        if name not in self.voices:
+            raise KeyError(f"no voice {name!r} in {self.path} (voices: {', '.join(self.voices) or 'none'})")
+        return {part: self._array(voice_tensor_name(name, part)) for part in VOICE_PARTS}
+
+    # -- lifetime ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the backend buffer and unmap the file (weights() tensors are invalid afterwards)."""
+        self._weights = {}
+        if self.buffer is not None:
+            self.buffer.free()
+            self.buffer = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        self._by_name = {}
+        self._reader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ModelFile {self.path!r} components={self.components} backend={self.backend!r}>"
+
+
+__all__ = ["ModelFile", "Weights", "ARCHITECTURE", "FORMAT_VERSION"]
