@@ -1,0 +1,1 @@
+"""Tortoise's models as ggml graphs; each module sits beside its tortoise/models counterpart."""
