@@ -1,0 +1,190 @@
+"""CLVP (tortoise/models/clvp.py, tortoise-tts 3.0.0) on ggml: scores how well each candidate's speech codes match the
+text, so the pipeline keeps the best autoregressive candidates.
+
+    clvp = CLVP(model_file, backend)
+    scores = clvp.forward(text_tokens, codes)    # (1|N, T) and (N, S) int arrays -> (N,) float32
+
+The reference as api.py builds it (use_xformers=True): two x-transformers encoders (tortoise_ggml.models.
+xtransformers) over token embeddings, the mean over positions, a Linear to the latent space, L2 normalisation, and
+the dot product times exp(temperature).
+
+Masks: CLVP.forward in eval mode uses all-true text and voice masks (``torch.ones_like``), so every position,
+padding included, takes part in attention and in the mean, exactly as here. Only training draws random masks.
+
+Batching: all candidates of a chunk (``max_batch``, default 16) run in one graph. api.py repeats one text for every
+candidate; here each distinct text row is encoded once and shared.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import pyggml as pg
+from pyggml import Context, Graph, Tensor
+
+from .xtransformers import CheckedWeights, encoder_from_hparams
+
+COMPONENT = "clvp"
+HPARAMS = ("dim_text", "dim_speech", "dim_latent", "num_text_tokens", "text_enc_depth", "text_heads",
+           "num_speech_tokens", "speech_enc_depth", "speech_heads", "dim_head", "ff_mult", "rotary_emb_dim",
+           "use_xformers")
+# F.normalize's default eps
+NORMALIZE_EPS = 1e-12
+
+
+def masked_mean(ctx: Context, t: Tensor) -> Tensor:
+    """Mean over positions of ne (dim, T, B) -> ne (dim, B): the reference's masked_mean under its all-true eval
+    mask (sum over positions / T)."""
+    d, n, b = t.ne[0], t.ne[1], t.ne[2]
+    per_channel = ctx.cont(ctx.permute(t, 1, 0, 2, 3))              # ne (T, dim, B): ggml means run along ne[0]
+    return ctx.reshape(ctx.mean(per_channel), d, b)
+
+
+class CheckpointedXTransformerEncoder:
+    """tortoise/models/arch_util.py's wrapper: ContinuousTransformerWrapper at ``.transformer``, each layer's block
+    wrapped in a weightless CheckpointedLayer (the ``.wrap`` in the keys); CLVP builds it without permutes."""
+
+    def __init__(self, w: CheckedWeights, dim: int, depth: int, heads: int, hp: dict):
+        self.transformer = encoder_from_hparams(w.sub("transformer"), dim, depth, heads, hp, wrap=".wrap")
+
+    def forward(self, ctx: Context, x: Tensor, positions: Tensor) -> Tensor:
+        return self.transformer.forward(ctx, x, positions)
+
+
+class CLVP:
+    """``CLVP(model_file, backend=None, max_batch=16)``; ``forward(text, speech_tokens)`` -> scores (N,).
+
+    ``backend`` defaults to the model file's; the weights must live where it can read them."""
+
+    def __init__(self, model_file, backend: pg.Backend | None = None, max_batch: int = 16):
+        hp = model_file.hparams(COMPONENT)
+        missing = [k for k in HPARAMS if k not in hp]
+        if missing:
+            raise ValueError(f"the model file lacks clvp hyperparameters {missing}")
+        if not hp["use_xformers"]:
+            raise ValueError("only the x-transformers CLVP (use_xformers=True, as tortoise/api.py builds it) is "
+                             "supported")
+        if int(max_batch) < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.backend = backend or model_file.backend
+        self.model_file = model_file  # owns the buffer the weights live in: keep it alive as long as we are
+        self.max_batch = int(max_batch)
+        self.num_text_tokens = int(hp["num_text_tokens"])
+        self.num_speech_tokens = int(hp["num_speech_tokens"])
+        dim_text, dim_speech, dim_latent = int(hp["dim_text"]), int(hp["dim_speech"]), int(hp["dim_latent"])
+        self.dim_latent = dim_latent
+        w = CheckedWeights(model_file.weights(COMPONENT), COMPONENT)
+
+        self.text_emb = w("text_emb.weight", (self.num_text_tokens, dim_text))
+        self.to_text_latent = w("to_text_latent.weight", (dim_latent, dim_text))
+        self.speech_emb = w("speech_emb.weight", (self.num_speech_tokens, dim_speech))
+        self.to_speech_latent = w("to_speech_latent.weight", (dim_latent, dim_speech))
+        self.text_transformer = CheckpointedXTransformerEncoder(
+            w.sub("text_transformer"), dim_text, int(hp["text_enc_depth"]), int(hp["text_heads"]), hp)
+        self.speech_transformer = CheckpointedXTransformerEncoder(
+            w.sub("speech_transformer"), dim_speech, int(hp["speech_enc_depth"]), int(hp["speech_heads"]), hp)
+        self.temperature = w("temperature", (1,))
+        self.last_graph_nodes = 0
+
+    # -- the graph ------------------------------------------------------------------------------------------------
+    def forward_graph(self, ctx: Context, text: Tensor, speech_tokens: Tensor, text_positions: Tensor,
+                      speech_positions: Tensor, text_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference's CLVP.forward(return_loss=False) as a graph.
+
+        text: I32 ne (T, U), U distinct text rows; speech_tokens: I32 ne (S, N); *_positions: I32 0..T-1, 0..S-1;
+        text_index: I32 ne (N), the text row of each candidate (None when U == 1: one text for all).
+        Returns (text_latents ne (L, U), speech_latents ne (L, N), sim ne (N)); latents are L2-normalised.
+        """
+        t, u = text.ne[0], text.ne[1]
+        s, n = speech_tokens.ne[0], speech_tokens.ne[1]
+        text_emb = ctx.get_rows(self.text_emb, ctx.reshape(text, t * u))
+        text_emb = ctx.reshape(text_emb, text_emb.ne[0], t, u)
+        speech_emb = ctx.get_rows(self.speech_emb, ctx.reshape(speech_tokens, s * n))
+        speech_emb = ctx.reshape(speech_emb, speech_emb.ne[0], s, n)
+
+        enc_text = self.text_transformer.forward(ctx, text_emb, text_positions)
+        enc_speech = self.speech_transformer.forward(ctx, speech_emb, speech_positions)
+
+        text_latents = masked_mean(ctx, enc_text)
+        speech_latents = masked_mean(ctx, enc_speech)
+
+        text_latents = ctx.mul_mat(self.to_text_latent, text_latents)          # ne (L, U)
+        speech_latents = ctx.mul_mat(self.to_speech_latent, speech_latents)    # ne (L, N)
+
+        text_latents = ctx.l2_norm(text_latents, NORMALIZE_EPS)
+        speech_latents = ctx.l2_norm(speech_latents, NORMALIZE_EPS)
+
+        temp = ctx.exp(self.temperature)
+
+        # einsum('n d, n d -> n'): each candidate against its own text row (one shared row broadcasts)
+        paired = text_latents if text_index is None else ctx.get_rows(text_latents, text_index)
+        sim = ctx.sum_rows(ctx.mul(speech_latents, paired))                    # ne (1, N)
+        sim = ctx.mul(ctx.reshape(sim, n), temp)
+        return text_latents, speech_latents, sim
+
+    # -- inputs -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _tokens(name: str, a, vocab: int) -> np.ndarray:
+        arr = np.asarray(a)
+        if arr.dtype == bool or arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (rows, tokens), got shape {arr.shape}")
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValueError(f"{name} must have at least one row and one token, got shape {arr.shape}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds token id {bad}, outside this model's vocabulary 0..{vocab - 1}")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def forward(self, text, speech_tokens, return_latents: bool = False):
+        """Scores of N candidates: ``text`` (1 or N, T) text token ids (one row is used for every candidate, as
+        api.py's ``text_tokens.repeat(N, 1)``), ``speech_tokens`` (N, S) speech codes (api.py: the AR codes after
+        fix_autoregressive_output, padded to 500). Returns float32 (N,); with ``return_latents`` also the
+        L2-normalised text and speech latents, each (N, dim_latent)."""
+        text = self._tokens("text", text, self.num_text_tokens)
+        speech = self._tokens("speech_tokens", speech_tokens, self.num_speech_tokens)
+        n = speech.shape[0]
+        if text.shape[0] not in (1, n):
+            raise ValueError(f"text has {text.shape[0]} rows for {n} speech candidates: give one row, or one per "
+                             "candidate")
+        sims, text_latents, speech_latents = [], [], []
+        for start in range(0, n, self.max_batch):
+            chunk = speech[start:start + self.max_batch]
+            rows = text if text.shape[0] == 1 else text[start:start + self.max_batch]
+            sim, tl, sl = self._run(rows, chunk)
+            sims.append(sim)
+            text_latents.append(tl)
+            speech_latents.append(sl)
+        scores = np.concatenate(sims)
+        if not return_latents:
+            return scores
+        return scores, np.concatenate(text_latents), np.concatenate(speech_latents)
+
+    def _run(self, text: np.ndarray, speech: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        unique, inverse = np.unique(text, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1).astype(np.int32)
+        (u, t), (n, s) = unique.shape, speech.shape
+        with Context() as ctx:
+            feed = {}
+
+            def inp(array: np.ndarray) -> Tensor:
+                x = ctx.new_tensor("i32", tuple(reversed(array.shape))).set_input()
+                feed[x] = array
+                return x
+
+            text_in, speech_in = inp(unique), inp(speech)
+            text_pos, speech_pos = inp(np.arange(t, dtype=np.int32)), inp(np.arange(s, dtype=np.int32))
+            index = inp(inverse) if u > 1 else None
+            text_latents, speech_latents, sim = self.forward_graph(ctx, text_in, speech_in, text_pos, speech_pos,
+                                                                   index)
+            for x in (text_latents, speech_latents, sim):
+                x.set_output()
+            graph = Graph(ctx, text_latents, speech_latents, sim)
+            self.last_graph_nodes = graph.n_nodes
+            self.backend.compute(graph, feed)
+            tl = text_latents.get().reshape(u, self.dim_latent)[inverse if u > 1 else np.zeros(n, np.int32)]
+            return sim.get().reshape(n), tl, speech_latents.get().reshape(n, self.dim_latent)
+
+
+__all__ = ["CLVP", "CheckpointedXTransformerEncoder", "masked_mean", "COMPONENT", "HPARAMS"]
