@@ -234,6 +234,16 @@ class Context:
         _require(_can_repeat(a, b), lambda: f"repeat: {a!r} does not tile {b!r}")
         return self._wrap(lib.ggml_repeat, a, b)
 
+    def repeat_4d(self, a: Tensor, *ne: int) -> Tensor:
+        """Tile ``a`` to shape ``ne`` (ggml order, 1 to 4 dims; each a multiple of a's), without a template tensor."""
+        _t(a)
+        ne = [int(n) for n in ne] + [1] * (4 - len(ne))
+        _require(len(ne) == 4, lambda: f"repeat_4d: 1 to 4 dims, got {ne}")
+        _require(all(n > 0 and an > 0 and n % an == 0 for n, an in zip(ne, a.ne)),
+                 lambda: f"repeat_4d: {a!r} does not tile ne={tuple(ne)}")
+        _require(a.type in (Type.F32, Type.F16, Type.BF16, Type.I32), lambda: f"repeat_4d: unsupported type {a!r}")
+        return self._wrap(lib.ggml_repeat_4d, a, *ne)
+
     def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor:
         _t(a), _t(b)
         _require(0 <= dim < 4, lambda: f"concat: dim must be 0..3, got {dim}")
