@@ -132,18 +132,19 @@ def test_forward_step(model, reference, oracle, inputs, conditioning_free):
 
 
 def test_forward_mixed_batch_is_one_step_of_each(model, inputs):
-    """The sampler's batch [conditioned, conditioning-free] gives what two separate calls give."""
+    """The sampler's batch [conditioned, conditioning-free] gives what two separate calls give (to float32 rounding:
+    the matmul kernels tile a batch of 2 differently from a batch of 1, so sums are ordered differently)."""
     length = output_seq_len(N_CODES)
     pre = model.timestep_independent(inputs["latents"][:1], inputs["cond"][:1], length)
     x = inputs["x"][:1]
     both = model.forward(np.concatenate([x, x]), [700, 700], precomputed_aligned_embeddings=np.concatenate([pre, pre]),
                          conditioning_free=np.array([False, True]))
     np.testing.assert_allclose(both[0], model.forward(x, [700], precomputed_aligned_embeddings=pre)[0],
-                               rtol=0, atol=1e-6)
-    np.testing.assert_allclose(both[1], model.forward(x, [700], conditioning_free=True)[0], rtol=0, atol=1e-6)
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(both[1], model.forward(x, [700], conditioning_free=True)[0], rtol=0, atol=1e-5)
     # without precomputed embeddings forward computes them from the latents
     np.testing.assert_allclose(model.forward(x, [700], inputs["latents"][:1], inputs["cond"][:1]), both[:1],
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=1e-5)
 
 
 def test_get_conditioning(model, reference, inputs):
