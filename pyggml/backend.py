@@ -99,6 +99,16 @@ class Buffer:
         self.free()
 
 
+def _forget_compute_memory(graph: Graph) -> None:
+    """Detach every tensor of ``graph`` that lives in a graph allocator's (compute) buffer, views included."""
+    compute = lib.GGML_BACKEND_BUFFER_USAGE_COMPUTE
+    for t in graph.nodes() + graph.leafs():
+        p = t.ptr
+        if p.buffer != ffi.NULL and lib.ggml_backend_buffer_get_usage(p.buffer) == compute:
+            p.data = ffi.NULL
+            p.buffer = ffi.NULL
+
+
 class GraphAllocator:
     """Memory for a graph's intermediate tensors, reused (and grown when needed) across graphs."""
 
@@ -106,6 +116,7 @@ class GraphAllocator:
         self.backend = backend
         self.ptr = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(backend.ptr))
         self._last = None
+        self._planned: weakref.WeakSet = weakref.WeakSet()
         if self.ptr == ffi.NULL:
             raise MemoryError("ggml_gallocr_new failed")
 
@@ -115,10 +126,15 @@ class GraphAllocator:
         # overlap live tensors. Plan afresh for every new graph; recomputing the same graph keeps its plan.
         last = self._last() if self._last is not None else None
         if last is not graph:
+            if graph in self._planned:
+                # ggml-alloc skips tensors that already have data: a graph computed before (under another plan,
+                # perhaps in a buffer since reallocated) would keep stale addresses. Forget them first.
+                _forget_compute_memory(graph)
             if not lib.ggml_gallocr_reserve(self.ptr, graph.ptr):
                 raise MemoryError(f"{self.backend.name}: could not reserve memory for a graph of "
                                   f"{graph.n_nodes} nodes")
             self._last = weakref.ref(graph)
+            self._planned.add(graph)
         if not lib.ggml_gallocr_alloc_graph(self.ptr, graph.ptr):
             raise MemoryError(f"{self.backend.name}: could not allocate memory for a graph of {graph.n_nodes} nodes")
 

@@ -296,3 +296,21 @@ def test_info_lists_cpu(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "ggml 0.20.2" in out and "cpu" in out and "CPU" in out
+
+
+def test_recomputing_a_graph_after_others_reallocated_the_buffer(cpu):
+    """ggml-alloc keeps the addresses of tensors that already have data: a graph computed again after another
+    graph grew (reallocated) the allocator's buffer must be re-placed, not read freed memory."""
+    def graph(n):
+        ctx = pg.Context()
+        x = ctx.new_tensor("f32", (n,)).set_input()
+        y = ctx.scale(ctx.add(x, ctx.view(x, (n,))), 0.5)
+        return ctx, x, y, pg.Graph(ctx, y)
+    c1, x1, y1, g1 = graph(8)
+    cpu.compute(g1, {x1: np.arange(8, dtype=np.float32)})
+    c2, x2, y2, g2 = graph(1 << 20)
+    cpu.compute(g2, {x2: np.ones(1 << 20, np.float32)})
+    cpu.compute(g1, {x1: np.arange(8, dtype=np.float32) * 3})
+    np.testing.assert_array_equal(y1.get(), np.arange(8, dtype=np.float32) * 3)
+    cpu.compute(g2, {x2: np.full(1 << 20, 2, np.float32)})
+    assert (y2.get() == 2).all()
