@@ -26,8 +26,9 @@ CUDA_HEADERS = ["ggml-cuda.h"]
 FAKE_STD_HEADERS = ["stddef.h", "stdint.h", "stdbool.h", "stdio.h", "stdlib.h", "string.h", "assert.h",
                     "inttypes.h", "limits.h", "float.h", "math.h", "stdarg.h"]
 
-# Declared in ggml-cpu.h but defined by no library in 0.20.2: referencing it breaks the extension's import.
-UNDEFINED_SYMBOLS = ["ggml_threadpool_get_n_threads"]
+# Declared by the 0.20.2 headers (ggml-cpu.h, ggml-cuda.h) but defined by no library: binding them would make the
+# extension fail to import.
+UNDEFINED_SYMBOLS = ["ggml_threadpool_get_n_threads", "ggml_backend_cuda_allreduce_tensor"]
 
 # Callbacks into Python (see pyggml/log.py).
 PYTHON_CALLBACKS = """
