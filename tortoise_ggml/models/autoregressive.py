@@ -1,0 +1,563 @@
+"""Tortoise's autoregressive model (tortoise/models/autoregressive.py, tortoise-tts 3.0.0) on ggml.
+
+UnifiedVoice mirrors the reference class: get_conditioning (the ConditioningEncoder over conditioning mels),
+forward (teacher forced: text/mel logits and losses, or the latents api.py feeds the diffusion model) and
+inference_speech (sampling N code sequences with a KV cache in backend memory, through GPT2InferenceModel).
+
+Mel positions during generation (``mel_positions``):
+  * "fixed" (default): the k-th generated code (k = 0, 1, ...) gets mel position k + 1, as in training
+    (forward embeds [start_mel, c0, c1, ...] at positions 0, 1, 2, ...) and as the reference's non-cached path does.
+  * "original": the k-th generated code gets position k + 2, as the reference's KV-cache path (api.py's default)
+    does: GPT2InferenceModel.forward embeds a single new token at ``attention_mask.shape[1] - mel_len``, which
+    counts the start_mel token already in the mask, so position 1 is never used. Use it to reproduce tortoise-tts.
+Both modes give the start_mel token position 0.
+
+Layouts follow tortoise_ggml.layers: sequence data ne (model_dim, T, B), channel data ne (T, C, B).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+import pyggml as pg
+from pyggml import Context, Graph, Tensor
+
+from .. import layers
+from .gpt2 import GPT2Model, LayerNorm, linear_rows
+from .kv_cache import KVCache
+
+MEL_POSITIONS = ("fixed", "original")
+
+# GroupNorm32's eps: torch.nn.GroupNorm's default, which arch_util.normalization keeps
+GROUP_NORM_EPS = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# graph helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _input(ctx: Context, feed: dict, array: np.ndarray, type: str) -> Tensor:
+    """A graph input holding ``array`` (numpy order), recorded in ``feed`` for Backend.compute."""
+    t = ctx.new_tensor(type, tuple(reversed(array.shape))).set_input()
+    feed[t] = array
+    return t
+
+
+def _get(t: Tensor) -> np.ndarray:
+    """A tensor's data in its full 4-D numpy shape (Tensor.get drops trailing unit dims)."""
+    return t.get().reshape(tuple(reversed(t.ne)))
+
+
+def causal_mask(n: int) -> np.ndarray:
+    """F16 (n, n) mask for flash attention: query i sees keys 0..i."""
+    return np.triu(np.full((n, n), -np.inf, dtype=np.float16), 1)
+
+
+def _ids(x, name: str, limit: int, ndim: int | None = None) -> np.ndarray:
+    """Integer token/position ids, checked against the table they index (ggml would assert)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer ids, got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= limit):
+        raise ValueError(f"{name} must lie in [0, {limit}), got values in [{a.min()}, {a.max()}]")
+    return a.astype(np.int32)
+
+
+def _floats(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    """F.cross_entropy(logits (B, V, T), targets (B, T)), mean reduction."""
+    lg = logits.astype(np.float64)
+    m = lg.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(lg - m).sum(axis=1)) + m[:, 0]
+    picked = np.take_along_axis(lg, targets[:, None, :].astype(np.int64), axis=1)[:, 0]
+    return float((lse - picked).mean())
+
+
+class Embedding:
+    """nn.Embedding: rows of the table by id."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.num_embeddings = weight.ne[1]
+
+    def __call__(self, ctx: Context, ids: Tensor) -> Tensor:
+        """ids I32 ne (T, B) -> ne (dim, T, B)."""
+        t, b = ids.ne[0], ids.ne[1]
+        rows = ctx.get_rows(self.weight, ctx.reshape(ids, t * b))
+        return ctx.reshape(rows, self.weight.ne[0], t, b)
+
+
+class Linear:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
+        self.weight = weights[prefix + ".weight"]
+        self.bias = weights.get(prefix + ".bias")
+
+    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
+        return linear_rows(ctx, x, self.weight, self.bias)
+
+
+class Conv1x1:
+    """nn.Conv1d(kernel_size=1) applied to sequence data ne (C_in, T, B): a Linear over channels."""
+
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
+        w = weights[prefix + ".weight"]
+        if w.ne[0] != 1:
+            raise ValueError(f"{prefix}.weight {w!r} is not a 1x1 convolution")
+        self.weight, self.bias = w, weights[prefix + ".bias"]
+
+    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
+        return linear_rows(ctx, x, ctx.reshape(self.weight, self.weight.ne[1], self.weight.ne[2]), self.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tortoise/models/arch_util.py: the pieces the conditioning encoder uses
+# ---------------------------------------------------------------------------------------------------------------
+def normalization(channels: int) -> int:
+    """Group count of arch_util.normalization(channels) (GroupNorm32)."""
+    groups = 32
+    if channels <= 16:
+        groups = 8
+    elif channels <= 64:
+        groups = 16
+    while channels % groups != 0:
+        groups = int(groups / 2)
+    if groups <= 2:
+        raise ValueError(f"arch_util.normalization: {channels} channels give {groups} groups")
+    return groups
+
+
+def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int) -> Tensor:
+    """QKVAttentionLegacy on sequence data: qkv ne (H*3*ch, T, B) laid out head-major [h][q|k|v][ch]
+    -> ne (H*ch, T, B). The reference scales q and k by ch^-1/4 each; one ch^-1/2 on the product is the same."""
+    width, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
+    if width % (3 * n_heads):
+        raise ValueError(f"qkv width {width} is not a multiple of 3 * {n_heads} heads")
+    ch, es = width // (3 * n_heads), qkv.nb[0]
+    ne, nb = (ch, t, n_heads, b), (width * es, 3 * ch * es, width * t * es)
+    q = ctx.view(qkv, ne, nb, 0)
+    k = ctx.view(qkv, ne, nb, ch * es)
+    v = ctx.view(qkv, ne, nb, 2 * ch * es)
+    return layers.attention(ctx, q, k, v, None, 1.0 / math.sqrt(ch))
+
+
+class AttentionBlock:
+    """arch_util.AttentionBlock (no relative position bias, no mask) on channel data ne (T, C, B)."""
+
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str, channels: int, num_heads: int):
+        self.norm_weight = weights[prefix + ".norm.weight"]
+        self.norm_bias = weights[prefix + ".norm.bias"]
+        self.groups = normalization(channels)
+        self.qkv = Conv1x1(weights, prefix + ".qkv")
+        self.proj_out = Conv1x1(weights, prefix + ".proj_out")
+        self.num_heads = num_heads
+
+    def forward(self, ctx: Context, x: Tensor) -> Tensor:
+        h = layers.group_norm(ctx, x, self.norm_weight, self.norm_bias, self.groups, GROUP_NORM_EPS)
+        qkv = self.qkv(ctx, ctx.cont(ctx.transpose(h)))               # 1x1 convs run on ne (C, T, B)
+        h = self.proj_out(ctx, qkv_attention_legacy(ctx, qkv, self.num_heads))
+        return ctx.add(x, ctx.cont(ctx.transpose(h)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tortoise/models/autoregressive.py
+# ---------------------------------------------------------------------------------------------------------------
+class ConditioningEncoder:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str, spec_dim: int, embedding_dim: int,
+                 attn_blocks: int, num_attn_heads: int):
+        self.init = weights[prefix + ".init.weight"], weights[prefix + ".init.bias"]
+        self.spec_dim, self.dim = spec_dim, embedding_dim
+        self.attn = [AttentionBlock(weights, f"{prefix}.attn.{i}", embedding_dim, num_attn_heads)
+                     for i in range(attn_blocks)]
+
+    def forward(self, ctx: Context, x: Tensor) -> Tensor:
+        """x: mels ne (T, spec_dim, B) -> ne (dim, B), frame 0 of the last block (mean=False)."""
+        h = layers.conv1d(ctx, x, *self.init)
+        for block in self.attn:
+            h = block.forward(ctx, h)
+        first = ctx.cont(ctx.view(h, (1, h.ne[1], h.ne[2]), (h.nb[1], h.nb[2])))
+        return ctx.reshape(first, h.ne[1], h.ne[2])
+
+
+class LearnedPositionEmbeddings:
+    def __init__(self, weight: Tensor):
+        self.emb = Embedding(weight)
+
+    def forward(self, ctx: Context, feed: dict, sl: int) -> Tensor:
+        """Positions 0..sl-1 -> ne (dim, sl, 1)."""
+        return self.get_embeddings(ctx, feed, np.arange(sl))
+
+    def get_fixed_embedding(self, ctx: Context, feed: dict, ind: int) -> Tensor:
+        return self.get_embeddings(ctx, feed, np.array([ind]))
+
+    def get_embeddings(self, ctx: Context, feed: dict, positions: np.ndarray) -> Tensor:
+        ids = _ids(positions, "position", self.emb.num_embeddings)
+        return self.emb(ctx, _input(ctx, feed, ids.reshape(1, -1), "i32"))
+
+
+class GPT2InferenceModel:
+    """The reference's GPT2InferenceModel with kv_cache=True, as HF generate drives it, restructured for one
+    shared prefix: ``start`` prefills [cached_mel_emb | start_mel] once at batch 1 into a KV cache of N rows;
+    each ``decode`` then embeds one new token per row and runs a single cached step over all N rows.
+
+    The decode graph is built once per ``start`` and reused: the cache view always spans the whole capacity and a
+    mask hides the slots not yet written, so only the inputs (tokens, position, slot, mask) change per step.
+    """
+
+    def __init__(self, backend: pg.Backend, transformer: GPT2Model, text_pos_embedding: LearnedPositionEmbeddings,
+                 embeddings: Embedding, norm: LayerNorm, linear: Linear, kv_cache_type: str = "f32"):
+        self.backend = backend
+        self.transformer = transformer
+        self.text_pos_embedding = text_pos_embedding
+        self.embeddings = embeddings
+        self.final_norm = norm
+        self.lm_head = linear
+        self.kv_cache_type = kv_cache_type
+        self.cached_mel_emb: np.ndarray | None = None
+        self.cache: KVCache | None = None
+        self._step = None
+
+    def store_mel_emb(self, mel_emb: np.ndarray) -> None:
+        """The prefix embedding [cond | text], (1, P-1, model_dim)."""
+        mel_emb = _floats(mel_emb, "mel_emb")
+        d = self.transformer.n_embd
+        if mel_emb.ndim != 3 or mel_emb.shape[0] != 1 or mel_emb.shape[2] != d:
+            raise ValueError(f"mel_emb must have shape (1, P, {d}), got {mel_emb.shape}")
+        self.cached_mel_emb = mel_emb
+
+    def _lm_head(self, ctx: Context, hidden: Tensor) -> Tensor:
+        """ln_f (GPT2Model's last op), then lm_head = Sequential(final_norm, mel_head)."""
+        return self.lm_head(ctx, self.final_norm(ctx, self.transformer.ln_f(ctx, hidden)))
+
+    def start(self, start_token: int, num_rows: int, max_new_tokens: int, mel_positions: str = "fixed"
+              ) -> np.ndarray:
+        """Prefill the stored prefix plus ``start_token`` and get ready to decode ``max_new_tokens`` steps over
+        ``num_rows`` rows. Returns the logits for the first generated token, (num_rows, vocab)."""
+        if self.cached_mel_emb is None:
+            raise RuntimeError("store_mel_emb must be called before start")
+        if mel_positions not in MEL_POSITIONS:
+            raise ValueError(f"mel_positions must be one of {MEL_POSITIONS}, got {mel_positions!r}")
+        if num_rows < 1 or max_new_tokens < 1:
+            raise ValueError(f"need num_rows >= 1 and max_new_tokens >= 1, got {num_rows}, {max_new_tokens}")
+        first_pos = 1 if mel_positions == "fixed" else 2
+        last_pos = first_pos + max_new_tokens - 1
+        if last_pos >= self.text_pos_embedding.emb.num_embeddings:
+            raise ValueError(f"{max_new_tokens} new tokens need mel position {last_pos}, beyond the "
+                             f"{self.text_pos_embedding.emb.num_embeddings} learned positions")
+        gpt = self.transformer
+        prefix = self.cached_mel_emb.shape[1] + 1
+        capacity = prefix + max_new_tokens
+        if self.cache is None or not self.cache.fits(gpt.n_layer, gpt.n_embd, gpt.n_head, capacity, num_rows,
+                                                     self.kv_cache_type):
+            self.release()         # free the old one first: caches are large
+            self.cache = KVCache(self.backend, gpt.n_layer, gpt.n_embd, gpt.n_head, capacity, num_rows,
+                                 self.kv_cache_type)
+        logits = self._prefill(start_token, prefix)
+        if self._step is None:
+            self._step = _DecodeStep(self)
+        self._step.reset(prefix, first_pos, capacity)
+        return np.repeat(logits.reshape(1, -1), num_rows, axis=0)
+
+    def _prefill(self, start_token: int, prefix: int) -> np.ndarray:
+        ctx, feed = Context(), {}
+        mel_emb = _input(ctx, feed, self.cached_mel_emb, "f32")                     # ne (d, P-1, 1)
+        start = _input(ctx, feed, _ids([[start_token]], "start_token", self.embeddings.num_embeddings), "i32")
+        start_emb = ctx.add(self.embeddings(ctx, start), self.text_pos_embedding.get_fixed_embedding(ctx, feed, 0))
+        emb = ctx.concat(mel_emb, start_emb, 1)
+        slots = _input(ctx, feed, np.arange(prefix, dtype=np.int32), "i32")
+        mask = _input(ctx, feed, causal_mask(prefix), "f16")
+        writes = []
+        hidden = self.transformer.blocks(ctx, emb, mask, self.cache, slots, attend_cache=False, writes=writes)
+        last = ctx.view(hidden, (hidden.ne[0], 1, 1), offset=(prefix - 1) * hidden.nb[1])
+        logits = self._lm_head(ctx, last)
+        self.backend.compute(Graph(ctx, logits, *writes), feed)
+        return logits.get().reshape(-1)
+
+    def release(self) -> None:
+        """Free the KV cache and the decode graph (the next start() makes new ones)."""
+        self._step = None
+        self.cache = None
+
+    def decode(self, next_tokens) -> np.ndarray:
+        """Feed one token per row (N,) -> logits for the next position (N, vocab)."""
+        if self._step is None:
+            raise RuntimeError("start must be called before decode")
+        return self._step(next_tokens)
+
+
+class _DecodeStep:
+    """The reusable one-token graph over all cache rows."""
+
+    def __init__(self, model: GPT2InferenceModel):
+        cache, gpt = model.cache, model.transformer
+        self.model, self.cache, self.n_rows = model, cache, cache.n_rows   # the graph reads this cache's memory
+        ctx = self.ctx = Context()
+        self.tokens = ctx.new_tensor("i32", (cache.n_rows, 1)).set_input()
+        self.position = ctx.new_tensor("i32", (1, 1)).set_input()
+        self.slot = ctx.new_tensor("i32", (1,)).set_input()
+        self.mask = ctx.new_tensor("f16", (cache.capacity, 1)).set_input()
+        tok = model.embeddings(ctx, self.tokens)                                   # ne (d, N, 1)
+        emb = ctx.add(ctx.reshape(tok, tok.ne[0], 1, cache.n_rows), model.text_pos_embedding.emb(ctx, self.position))
+        hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True)
+        self.logits = model._lm_head(ctx, hidden)                                  # ne (vocab, 1, N)
+        self.graph = Graph(ctx, self.logits)
+        self.allocator = pg.GraphAllocator(model.backend)
+        self.mask_host = np.full((1, cache.capacity), -np.inf, dtype=np.float16)
+        self.vocab = model.embeddings.num_embeddings
+        self.checked = False
+
+    def reset(self, prefix: int, first_position: int, end: int) -> None:
+        self.mask_host[:] = -np.inf
+        self.mask_host[0, :prefix] = 0
+        self.next_slot, self.next_position, self.end = prefix, first_position, end
+
+    def __call__(self, next_tokens) -> np.ndarray:
+        tokens = _ids(next_tokens, "next_tokens", self.vocab, ndim=1)
+        if tokens.shape[0] != self.n_rows:
+            raise ValueError(f"decode takes one token per row: {self.n_rows} rows, got {tokens.shape[0]} tokens")
+        if self.next_slot >= self.end:
+            raise RuntimeError("decode called more often than the max_new_tokens given to start()")
+        self.mask_host[0, self.next_slot] = 0
+        feed = {self.tokens: tokens.reshape(1, -1), self.position: np.array([[self.next_position]], np.int32),
+                self.slot: np.array([self.next_slot], np.int32), self.mask: self.mask_host}
+        # the first step checks the graph against the backend; later steps run the same graph
+        self.model.backend.compute(self.graph, feed, allocator=self.allocator, check=not self.checked)
+        self.checked = True
+        self.next_slot += 1
+        self.next_position += 1
+        return self.logits.get().reshape(self.n_rows, -1)
+
+
+class UnifiedVoice:
+    """UnifiedVoice from a GGUF's ``autoregressive`` component: ``weights`` (state-dict key -> Tensor) and
+    ``hparams`` (constructor kwargs), on ``backend``."""
+
+    def __init__(self, weights: Mapping[str, Tensor], hparams: Mapping, backend: pg.Backend,
+                 kv_cache_type: str = "f32"):
+        hp = dict(hparams)
+        try:
+            self.number_text_tokens = int(hp["number_text_tokens"])
+            self.start_text_token = int(hp["start_text_token"])
+            self.stop_text_token = int(hp.get("stop_text_token", 0))
+            self.number_mel_codes = int(hp["number_mel_codes"])
+            self.start_mel_token = int(hp["start_mel_token"])
+            self.stop_mel_token = int(hp["stop_mel_token"])
+            self.layers = int(hp["layers"])
+            self.heads = int(hp["heads"])
+            self.max_mel_tokens = int(hp["max_mel_tokens"])
+            self.max_text_tokens = int(hp["max_text_tokens"])
+            self.model_dim = int(hp["model_dim"])
+            self.mel_length_compression = int(hp["mel_length_compression"])
+            self.layer_norm_epsilon = float(hp["layer_norm_epsilon"])
+            spec_dim = int(hp["conditioning_spec_dim"])
+            cond_blocks = int(hp["conditioning_num_attn_blocks"])
+            cond_heads = int(hp["conditioning_num_attn_heads"])
+        except KeyError as e:
+            raise KeyError(f"autoregressive hparams lack {e.args[0]!r}") from None
+        self.backend = backend
+        self.conditioning_encoder = ConditioningEncoder(weights, "conditioning_encoder", spec_dim, self.model_dim,
+                                                        cond_blocks, cond_heads)
+        self.text_embedding = Embedding(weights["text_embedding.weight"])
+        self.mel_embedding = Embedding(weights["mel_embedding.weight"])
+        self.gpt = GPT2Model(weights, "gpt", self.layers, self.model_dim, self.heads, self.layer_norm_epsilon)
+        self.mel_pos_embedding = LearnedPositionEmbeddings(weights["mel_pos_embedding.emb.weight"])
+        self.text_pos_embedding = LearnedPositionEmbeddings(weights["text_pos_embedding.emb.weight"])
+        self.final_norm = LayerNorm(weights, "final_norm", self.layer_norm_epsilon)
+        self.text_head = Linear(weights, "text_head")
+        self.mel_head = Linear(weights, "mel_head")
+        self.post_init_gpt2_config(kv_cache_type)
+
+    @classmethod
+    def from_model_file(cls, mf, backend: pg.Backend, kv_cache_type: str = "f32") -> "UnifiedVoice":
+        return cls(mf.weights("autoregressive"), mf.hparams("autoregressive"), backend, kv_cache_type)
+
+    def post_init_gpt2_config(self, kv_cache_type: str = "f32") -> None:
+        self.inference_model = GPT2InferenceModel(self.backend, self.gpt, self.mel_pos_embedding,
+                                                  self.mel_embedding, self.final_norm, self.mel_head, kv_cache_type)
+
+    # -- input formatting (numpy, as the reference's torch ops) ---------------------------------------------------
+    @staticmethod
+    def build_aligned_inputs_and_targets(input: np.ndarray, start_token: int, stop_token: int):
+        inp = np.pad(input, ((0, 0), (1, 0)), constant_values=start_token)
+        tar = np.pad(input, ((0, 0), (0, 1)), constant_values=stop_token)
+        return inp, tar
+
+    def set_mel_padding(self, mel_input_tokens: np.ndarray, wav_lengths: np.ndarray) -> np.ndarray:
+        """Codes past each clip's length (+1) become stop_mel_token."""
+        mel_input_tokens = mel_input_tokens.copy()
+        mel_lengths = wav_lengths // self.mel_length_compression
+        for b in range(len(mel_lengths)):
+            actual_end = mel_lengths[b] + 1  # the codes come from a convolution: predict one past the last
+            if actual_end < mel_input_tokens.shape[-1]:
+                mel_input_tokens[b, actual_end:] = self.stop_mel_token
+        return mel_input_tokens
+
+    def _text_ids(self, text_inputs, name="text_inputs") -> np.ndarray:
+        ids = _ids(text_inputs, name, self.text_embedding.num_embeddings)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T) or (T,), got {ids.shape}")
+        return ids
+
+    def _cond_latent(self, latent, batch: int) -> np.ndarray:
+        lat = _floats(latent, "speech_conditioning_latent")
+        if lat.ndim == 1:
+            lat = lat[None]
+        if lat.ndim != 2 or lat.shape[1] != self.model_dim:
+            raise ValueError(f"speech_conditioning_latent must have shape (B, {self.model_dim}), got {lat.shape}")
+        if lat.shape[0] != batch:
+            raise ValueError(f"speech_conditioning_latent has batch {lat.shape[0]}, the text {batch}")
+        return lat
+
+    def _embed(self, ctx: Context, feed: dict, embedding: Embedding, pos: LearnedPositionEmbeddings,
+               ids: np.ndarray) -> Tensor:
+        """embedding(ids) + pos_embedding(ids): ids (B, T) -> ne (d, T, B)."""
+        tok = embedding(ctx, _input(ctx, feed, ids, "i32"))
+        return ctx.add(tok, pos.forward(ctx, feed, ids.shape[1]))
+
+    # -- conditioning ---------------------------------------------------------------------------------------------
+    def get_conditioning(self, speech_conditioning_input) -> np.ndarray:
+        """Conditioning mels (B, n_clips, 80, T) or (B, 80, T) -> latent (B, model_dim): the encoder's frame 0 of
+        each clip, averaged over clips."""
+        x = _floats(speech_conditioning_input, "speech_conditioning_input")
+        if x.ndim == 3:
+            x = x[:, None]
+        enc = self.conditioning_encoder
+        if x.ndim != 4 or x.shape[2] != enc.spec_dim or x.shape[3] < 1:
+            raise ValueError(f"conditioning mels must have shape (B, n_clips, {enc.spec_dim}, T) or "
+                             f"(B, {enc.spec_dim}, T), got {np.shape(speech_conditioning_input)}")
+        b, n = x.shape[:2]
+        ctx, feed = Context(), {}
+        mels = _input(ctx, feed, x.reshape(b * n, x.shape[2], x.shape[3]), "f32")   # clips as batch rows
+        out = enc.forward(ctx, mels)
+        self.backend.compute(Graph(ctx, out), feed)
+        conds = out.get().reshape(b, n, enc.dim)
+        return conds.mean(axis=1, dtype=np.float32)
+
+    # -- teacher-forced pass --------------------------------------------------------------------------------------
+    def get_logits(self, ctx: Context, feed: dict, speech_conditioning_inputs: Tensor, first_inputs: Tensor,
+                   first_head: Linear, second_inputs: Tensor, second_head: Linear, return_latent: bool = False):
+        """Graph of the reference's get_logits (second_inputs given): embeddings ne (d, T, B) in; logits
+        ne (vocab, T_i, B) or latents ne (d, T_i, B) out, for the first and second segments."""
+        emb = ctx.concat(ctx.concat(speech_conditioning_inputs, first_inputs, 1), second_inputs, 1)
+        n_cond, n_first, n_second = speech_conditioning_inputs.ne[1], first_inputs.ne[1], second_inputs.ne[1]
+        mask = _input(ctx, feed, causal_mask(emb.ne[1]), "f16")
+        enc = self.final_norm(ctx, self.gpt.forward(ctx, emb, mask))
+        d, nb1, nb2 = enc.ne[0], enc.nb[1], enc.nb[2]
+        # enc[:, 1:] drops the position that only sees the conditioning latent
+        first = ctx.view(enc, (d, n_first, enc.ne[2]), (nb1, nb2), n_cond * nb1)
+        second = ctx.view(enc, (d, n_second, enc.ne[2]), (nb1, nb2), (enc.ne[1] - n_second) * nb1)
+        if return_latent:
+            return first, second
+        return first_head(ctx, first), second_head(ctx, second)
+
+    def forward(self, speech_conditioning_latent, text_inputs, text_lengths, mel_codes, wav_lengths,
+                return_latent: bool = False, clip_inputs: bool = True):
+        """As the reference's forward with text_first=True: (loss_text, loss_mel, mel_logits (B, vocab, M+2)),
+        or with return_latent the latents (B, M, model_dim). ``text_logits`` (B, 256, T+2) of the last call are
+        kept in ``self.text_logits``."""
+        text_inputs = self._text_ids(text_inputs)
+        mel_codes = _ids(mel_codes, "mel_codes", self.mel_embedding.num_embeddings, ndim=2)
+        text_lengths = np.asarray(text_lengths).reshape(-1)
+        wav_lengths = np.asarray(wav_lengths).reshape(-1)
+        b = text_inputs.shape[0]
+        if mel_codes.shape[0] != b:
+            raise ValueError(f"batch sizes differ: text {b}, mel_codes {mel_codes.shape[0]}")
+        # like the reference, a single length for a batch (api.py passes one) pads only row 0 in set_mel_padding
+        if not (1 <= len(text_lengths) <= b and 1 <= len(wav_lengths) <= b):
+            raise ValueError(f"text_lengths ({len(text_lengths)}) and wav_lengths ({len(wav_lengths)}) need 1 to "
+                             f"{b} entries (one per row)")
+        conds_np = self._cond_latent(speech_conditioning_latent, b)
+        if clip_inputs:
+            # batches are padded: cut them to the longest actual input
+            text_inputs = text_inputs[:, :text_lengths.max()]
+            mel_codes = mel_codes[:, :wav_lengths.max() // self.mel_length_compression]
+        mel_codes = self.set_mel_padding(mel_codes, wav_lengths)
+        text_inputs = np.pad(text_inputs, ((0, 0), (0, 1)), constant_values=self.stop_text_token)
+        mel_codes = np.pad(mel_codes, ((0, 0), (0, 1)), constant_values=self.stop_mel_token)
+        text_inputs, text_targets = self.build_aligned_inputs_and_targets(text_inputs, self.start_text_token,
+                                                                          self.stop_text_token)
+        mel_codes, mel_targets = self.build_aligned_inputs_and_targets(mel_codes, self.start_mel_token,
+                                                                       self.stop_mel_token)
+        for name, ids, table in (("text", text_inputs, self.text_pos_embedding),
+                                 ("mel", mel_codes, self.mel_pos_embedding)):
+            if ids.shape[1] > table.emb.num_embeddings:
+                raise ValueError(f"{ids.shape[1]} {name} tokens (with start/stop) exceed the "
+                                 f"{table.emb.num_embeddings} learned {name} positions")
+        ctx, feed = Context(), {}
+        conds = _input(ctx, feed, conds_np[:, None, :], "f32")                       # ne (d, 1, B)
+        text_emb = self._embed(ctx, feed, self.text_embedding, self.text_pos_embedding, text_inputs)
+        mel_emb = self._embed(ctx, feed, self.mel_embedding, self.mel_pos_embedding, mel_codes)
+        text_out, mel_out = self.get_logits(ctx, feed, conds, text_emb, self.text_head, mel_emb, self.mel_head,
+                                            return_latent=return_latent)
+        if return_latent:
+            latents = ctx.cont(ctx.view(mel_out, (mel_out.ne[0], mel_out.ne[1] - 2, b), mel_out.nb[1:3]))
+            self.backend.compute(Graph(ctx, latents), feed)
+            return _get(latents)[0]  # the two positions this pass added (start/stop) stripped
+        self.backend.compute(Graph(ctx, text_out, mel_out), feed)
+        text_logits = _get(text_out)[0].transpose(0, 2, 1)
+        mel_logits = _get(mel_out)[0].transpose(0, 2, 1)
+        self.text_logits = text_logits
+        loss_text = _cross_entropy(text_logits, text_targets)
+        loss_mel = _cross_entropy(mel_logits, mel_targets)
+        return loss_text, loss_mel, mel_logits
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def compute_prefix(self, speech_conditioning_latent, text_inputs) -> np.ndarray:
+        """Store [cond | start_text, text, stop_text] embeddings in the inference model; returns the fake
+        input_ids (1, P) that HF generate starts from (1s, then start_mel_token), as inference_speech builds."""
+        text_inputs = self._text_ids(text_inputs)
+        if text_inputs.shape[0] != 1:
+            raise ValueError(f"inference takes one text (batch 1), got {text_inputs.shape[0]}")
+        text_inputs = np.pad(text_inputs, ((0, 0), (0, 1)), constant_values=self.stop_text_token)
+        text_inputs, _ = self.build_aligned_inputs_and_targets(text_inputs, self.start_text_token,
+                                                               self.stop_text_token)
+        if text_inputs.shape[1] > self.text_pos_embedding.emb.num_embeddings:
+            raise ValueError(f"{text_inputs.shape[1]} text tokens (with start/stop) exceed the "
+                             f"{self.text_pos_embedding.emb.num_embeddings} learned text positions")
+        conds = self._cond_latent(speech_conditioning_latent, 1)
+        ctx, feed = Context(), {}
+        text_emb = self._embed(ctx, feed, self.text_embedding, self.text_pos_embedding, text_inputs)
+        self.backend.compute(Graph(ctx, text_emb), feed)
+        emb = np.concatenate([conds[:, None, :], _get(text_emb)[0]], axis=1)
+        self.inference_model.store_mel_emb(emb)
+        fake_inputs = np.full((1, emb.shape[1] + 1), 1, dtype=np.int64)
+        fake_inputs[:, -1] = self.start_mel_token
+        return fake_inputs
+
+    def inference_speech(self, speech_conditioning_latent, text_inputs, num_return_sequences: int = 1,
+                         max_generate_length: int | None = None, typical_sampling: bool = False,
+                         typical_mass: float = .9, do_sample: bool = True, top_p: float = 1.0,
+                         temperature: float = 1.0, repetition_penalty: float = 1.0, top_k: int = 50,
+                         rng: np.random.Generator | int | None = None, mel_positions: str = "fixed",
+                         progress=None) -> np.ndarray:
+        """Sample ``num_return_sequences`` code sequences for one text: (N, <= max_generate_length) int64, rows
+        that stopped early padded with stop_mel_token (the reference's ``gen[:, trunc_index:]``).
+
+        input_ids are what HF generate sees (the repetition penalty counts them): 1s for the prefix, then
+        start_mel_token. ``mel_positions``: "fixed" or "original" (see the module docstring). ``rng``: a numpy
+        Generator or seed; ``progress(generated, limit)`` is called after every step.
+        """
+        from .. import sampling
+
+        fake_inputs = self.compute_prefix(speech_conditioning_latent, text_inputs)
+        trunc_index = fake_inputs.shape[1]
+        max_new = self.max_mel_tokens - 1 if max_generate_length is None else int(max_generate_length)
+        first_logits = self.inference_model.start(self.start_mel_token, num_return_sequences, max_new,
+                                                  mel_positions)
+        inputs = np.repeat(fake_inputs, num_return_sequences, axis=0)
+        gen = sampling.generate(self.inference_model.decode, first_logits, inputs, max_new_tokens=max_new,
+                                eos_token_id=self.stop_mel_token, pad_token_id=self.stop_mel_token,
+                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty,
+                                typical_mass=typical_mass if typical_sampling else None, rng=rng, progress=progress)
+        return gen[:, trunc_index:]

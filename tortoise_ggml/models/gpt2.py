@@ -1,0 +1,144 @@
+"""HF transformers' GPT-2 (transformers/models/gpt2/modeling_gpt2.py, 4.31) as ggml graph blocks, as Tortoise's
+UnifiedVoice uses it: token and position embeddings are computed by the caller (``wte`` unused, ``wpe`` null), so
+GPT2Model takes ``inputs_embeds``. Sequence data is ne (n_embd, T, B).
+
+The weights are the converter's: every Conv1D weight is stored (out, in) like a Linear's, so each is one mul_mat.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from pyggml import Context, Tensor
+
+from .. import layers
+from .kv_cache import KVCache
+
+
+def linear_rows(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """layers.linear on x ne (in, T, B) as one (in, T*B) product.
+
+    A 3-D operand makes ggml's CPU mul_mat run one product per batch entry, each reading the whole weight matrix:
+    a decode step over B rows (T = 1) would stream the weights B times instead of once.
+    """
+    n, t, bt = x.ne[0], x.ne[1], x.ne[2]
+    if bt == 1 or not x.is_contiguous:
+        return layers.linear(ctx, x, w, b)
+    y = layers.linear(ctx, ctx.reshape(x, n, t * bt), w, b)
+    return ctx.reshape(y, y.ne[0], t, bt)
+
+
+class Conv1D:
+    """GPT-2's Conv1D (a Linear with its weight stored transposed; the converter undid that)."""
+
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
+        self.weight = weights[prefix + ".weight"]
+        self.bias = weights[prefix + ".bias"]
+
+    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
+        return linear_rows(ctx, x, self.weight, self.bias)
+
+
+class LayerNorm:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str, eps: float):
+        self.weight = weights[prefix + ".weight"]
+        self.bias = weights[prefix + ".bias"]
+        self.eps = eps
+
+    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
+        return layers.layer_norm(ctx, x, self.weight, self.bias, self.eps)
+
+
+class GPT2Attention:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str, n_embd: int, n_head: int):
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
+        self.c_attn = Conv1D(weights, prefix + ".c_attn")
+        self.c_proj = Conv1D(weights, prefix + ".c_proj")
+        self.n_embd, self.n_head = n_embd, n_head
+        self.head_dim = n_embd // n_head
+
+    def _split(self, ctx: Context, qkv: Tensor, which: int, heads: bool) -> Tensor:
+        """q, k or v (which = 0, 1, 2) out of c_attn's ne (3*n_embd, T, B) output, without a copy: as heads
+        (head_dim, T, heads, B), or as rows (n_embd, T, B) for the cache."""
+        d3, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
+        es, off = qkv.nb[0], which * self.n_embd * qkv.nb[0]
+        if heads:
+            return ctx.view(qkv, (self.head_dim, t, self.n_head, b), (d3 * es, self.head_dim * es, d3 * t * es), off)
+        return ctx.view(qkv, (self.n_embd, t, b), (d3 * es, d3 * t * es), off)
+
+    def forward(self, ctx: Context, hidden_states: Tensor, mask: Tensor, layer_past: "LayerPast | None" = None
+                ) -> Tensor:
+        """Causal self-attention. ``mask``: F16 ne (T_kv, T) of 0 / -inf. With ``layer_past`` the new keys and
+        values are written to the cache; queries attend to the whole cache when ``layer_past.attend_cache``
+        (decode), else to this call's keys and values (prefill)."""
+        qkv = self.c_attn(ctx, hidden_states)
+        query = self._split(ctx, qkv, 0, heads=True)
+        key = self._split(ctx, qkv, 1, heads=True)
+        value = self._split(ctx, qkv, 2, heads=True)
+        if layer_past is not None:
+            k_all, v_all = layer_past.cache.store(ctx, layer_past.layer, self._split(ctx, qkv, 1, heads=False),
+                                                  self._split(ctx, qkv, 2, heads=False), layer_past.slots)
+            if layer_past.attend_cache:
+                key, value = k_all, v_all
+            else:
+                layer_past.writes += [k_all, v_all]
+        attn_output = layers.attention(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
+        return self.c_proj(ctx, attn_output)
+
+
+class GPT2MLP:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
+        self.c_fc = Conv1D(weights, prefix + ".c_fc")
+        self.c_proj = Conv1D(weights, prefix + ".c_proj")
+
+    def forward(self, ctx: Context, hidden_states: Tensor) -> Tensor:
+        # GPT-2's gelu_new is ggml_gelu: this project's ggml computes it exactly (vendor/ggml/patches/0002)
+        return self.c_proj(ctx, ctx.gelu(self.c_fc(ctx, hidden_states)))
+
+
+class GPT2Block:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str, n_embd: int, n_head: int, eps: float):
+        self.ln_1 = LayerNorm(weights, prefix + ".ln_1", eps)
+        self.attn = GPT2Attention(weights, prefix + ".attn", n_embd, n_head)
+        self.ln_2 = LayerNorm(weights, prefix + ".ln_2", eps)
+        self.mlp = GPT2MLP(weights, prefix + ".mlp")
+
+    def forward(self, ctx: Context, hidden_states: Tensor, mask: Tensor, layer_past: "LayerPast | None" = None
+                ) -> Tensor:
+        attn_output = self.attn.forward(ctx, self.ln_1(ctx, hidden_states), mask, layer_past)
+        hidden_states = ctx.add(attn_output, hidden_states)
+        feed_forward_hidden_states = self.mlp.forward(ctx, self.ln_2(ctx, hidden_states))
+        return ctx.add(hidden_states, feed_forward_hidden_states)
+
+
+class LayerPast:
+    """One layer's view of a KVCache for one graph: where this call's positions go (``slots``), and whether the
+    queries read the cache (decode) or only fill it (prefill; the writes are collected in ``writes`` so the caller
+    can make them graph outputs)."""
+
+    def __init__(self, cache: KVCache, layer: int, slots: Tensor, attend_cache: bool, writes: list):
+        self.cache, self.layer, self.slots, self.attend_cache, self.writes = cache, layer, slots, attend_cache, writes
+
+
+class GPT2Model:
+    def __init__(self, weights: Mapping[str, Tensor], prefix: str, n_layer: int, n_embd: int, n_head: int,
+                 layer_norm_epsilon: float):
+        self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
+        self.h = [GPT2Block(weights, f"{prefix}.h.{i}", n_embd, n_head, layer_norm_epsilon) for i in range(n_layer)]
+        self.ln_f = LayerNorm(weights, prefix + ".ln_f", layer_norm_epsilon)
+
+    def blocks(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor, cache: KVCache | None = None,
+               slots: Tensor | None = None, attend_cache: bool = False, writes: list | None = None) -> Tensor:
+        """The transformer stack before ln_f (callers that need only some positions apply ln_f to those)."""
+        if inputs_embeds.ne[0] != self.n_embd:
+            raise ValueError(f"inputs_embeds {inputs_embeds!r} must have ne[0] = n_embd = {self.n_embd}")
+        hidden_states = inputs_embeds
+        for i, block in enumerate(self.h):
+            past = None if cache is None else LayerPast(cache, i, slots, attend_cache, writes)
+            hidden_states = block.forward(ctx, hidden_states, mask, past)
+        return hidden_states
+
+    def forward(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor) -> Tensor:
+        """last_hidden_state of GPT2Model(inputs_embeds=...) without a cache."""
+        return self.ln_f(ctx, self.blocks(ctx, inputs_embeds, mask))
