@@ -12,7 +12,7 @@ from .errors import BackendUnavailable, GGMLError, OutOfContextMemory, ShapeErro
 from .graph import Graph
 from .raw import HAS_CUDA
 from .tensor import Tensor
-from .types import Type
+from .dtypes import Type
 
 log.install()
 

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import GGMLError, OutOfContextMemory, ShapeError
 from .raw import ffi, lib
 from .tensor import Tensor
-from .types import NUMPY_DTYPES, Type, as_type, is_quantized, type_name
+from .dtypes import NUMPY_DTYPES, Type, as_type, is_quantized, type_name
 
 _FLOAT_TYPES = (Type.F32, Type.F16, Type.BF16)
 
