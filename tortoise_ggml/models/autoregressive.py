@@ -16,7 +16,6 @@ Layouts follow tortoise_ggml.layers: sequence data ne (model_dim, T, B), channel
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
 from .. import layers
+from .arch_util import normalization, qkv_attention_legacy
 from .gpt2 import GPT2Model, LayerNorm, linear_rows
 from .kv_cache import KVCache
 
@@ -121,34 +121,6 @@ class Conv1x1:
 # ---------------------------------------------------------------------------------------------------------------
 # tortoise/models/arch_util.py: the pieces the conditioning encoder uses
 # ---------------------------------------------------------------------------------------------------------------
-def normalization(channels: int) -> int:
-    """Group count of arch_util.normalization(channels) (GroupNorm32)."""
-    groups = 32
-    if channels <= 16:
-        groups = 8
-    elif channels <= 64:
-        groups = 16
-    while channels % groups != 0:
-        groups = int(groups / 2)
-    if groups <= 2:
-        raise ValueError(f"arch_util.normalization: {channels} channels give {groups} groups")
-    return groups
-
-
-def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int) -> Tensor:
-    """QKVAttentionLegacy on sequence data: qkv ne (H*3*ch, T, B) laid out head-major [h][q|k|v][ch]
-    -> ne (H*ch, T, B). The reference scales q and k by ch^-1/4 each; one ch^-1/2 on the product is the same."""
-    width, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
-    if width % (3 * n_heads):
-        raise ValueError(f"qkv width {width} is not a multiple of 3 * {n_heads} heads")
-    ch, es = width // (3 * n_heads), qkv.nb[0]
-    ne, nb = (ch, t, n_heads, b), (width * es, 3 * ch * es, width * t * es)
-    q = ctx.view(qkv, ne, nb, 0)
-    k = ctx.view(qkv, ne, nb, ch * es)
-    v = ctx.view(qkv, ne, nb, 2 * ch * es)
-    return layers.attention(ctx, q, k, v, None, 1.0 / math.sqrt(ch))
-
-
 class AttentionBlock:
     """arch_util.AttentionBlock (no relative position bias, no mask) on channel data ne (T, C, B)."""
 

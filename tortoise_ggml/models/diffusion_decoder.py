@@ -25,6 +25,7 @@ import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
 from .. import layers
+from .arch_util import normalization, qkv_attention_legacy
 
 COMPONENT = "diffusion"
 HPARAMS = ("model_channels", "num_layers", "in_channels", "out_channels", "in_latent_channels", "in_tokens",
@@ -164,20 +165,6 @@ class Linear:
         return layers.linear(ctx, x, self.weight, self.bias)
 
 
-def normalization(channels: int) -> int:
-    """Group count of arch_util.normalization(channels), a GroupNorm32."""
-    groups = 32
-    if channels <= 16:
-        groups = 8
-    elif channels <= 64:
-        groups = 16
-    while channels % groups != 0:
-        groups = int(groups / 2)
-    if groups <= 2:
-        raise ValueError(f"arch_util.normalization: {channels} channels give {groups} groups")
-    return groups
-
-
 class GroupNorm32:
     """arch_util.normalization(channels) on channel data ne (T, C, B)."""
 
@@ -223,25 +210,6 @@ class RelativePositionBias:
         es = rows.nb[0]
         bias = ctx.view_strided(rows, (n, n, self.heads), ((2 * n - 2) * es, (2 * n - 1) * n * es), (n - 1) * es)
         return ctx.cont(bias)
-
-
-def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tensor | None) -> Tensor:
-    """QKVAttentionLegacy on sequence data qkv ne (H*3*ch, T, B), laid out head-major [h][q|k|v][ch], with the
-    relative position bias ``rel_pos`` (a mask ne (T, T, H)) -> ne (H*ch, T, B).
-
-    The reference scales q and k by ch^-1/4 each; the soft_max's single ch^-1/2 is the same product. The bias
-    enters as the soft_max mask, in F32 (flash attention would take it only as F16)."""
-    width, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
-    if width % (3 * n_heads):
-        raise pg.ShapeError(f"qkv width {width} is not a multiple of 3 * {n_heads} heads")
-    ch, es = width // (3 * n_heads), qkv.nb[0]
-    ne, nb = (ch, t, n_heads, b), (width * es, 3 * ch * es, width * t * es)
-    q = ctx.cont(ctx.view(qkv, ne, nb, 0))                                     # ne (ch, T, H, B)
-    k = ctx.cont(ctx.view(qkv, ne, nb, ch * es))
-    v_t = ctx.cont(ctx.permute(ctx.view(qkv, ne, nb, 2 * ch * es), 1, 0, 2, 3))   # ne (T, ch, H, B)
-    weight = ctx.soft_max_ext(ctx.mul_mat(k, q), rel_pos, 1.0 / math.sqrt(ch))   # ne (T_k, T_q, H, B)
-    a = ctx.mul_mat(v_t, weight)                                              # ne (ch, T_q, H, B)
-    return ctx.reshape(ctx.cont(ctx.permute(a, 0, 2, 1, 3)), ch * n_heads, t, b)
 
 
 class AttentionBlock:

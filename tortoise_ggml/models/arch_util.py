@@ -1,0 +1,46 @@
+"""tortoise/models/arch_util.py: the pieces both the autoregressive conditioning encoder and the diffusion decoder use."""
+from __future__ import annotations
+
+import math
+
+import pyggml as pg
+from pyggml import Context, Tensor
+
+from .. import layers
+
+
+def normalization(channels: int) -> int:
+    """Group count of arch_util.normalization(channels), a GroupNorm32."""
+    groups = 32
+    if channels <= 16:
+        groups = 8
+    elif channels <= 64:
+        groups = 16
+    while channels % groups != 0:
+        groups = int(groups / 2)
+    if groups <= 2:
+        raise ValueError(f"arch_util.normalization: {channels} channels give {groups} groups")
+    return groups
+
+
+def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tensor | None = None) -> Tensor:
+    """QKVAttentionLegacy on sequence data qkv ne (H*3*ch, T, B), laid out head-major [h][q|k|v][ch] -> ne (H*ch, T, B).
+
+    The reference scales q and k by ch^-1/4 each; one ch^-1/2 on the product is the same. Without a relative position
+    bias this is fused flash attention; with one (``rel_pos``, a mask ne (T, T, H)) the bias enters the soft_max in
+    F32, since flash attention would take it only as F16.
+    """
+    width, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
+    if width % (3 * n_heads):
+        raise pg.ShapeError(f"qkv width {width} is not a multiple of 3 * {n_heads} heads")
+    ch, es = width // (3 * n_heads), qkv.nb[0]
+    ne, nb = (ch, t, n_heads, b), (width * es, 3 * ch * es, width * t * es)
+    q = ctx.view(qkv, ne, nb, 0)                                               # ne (ch, T, H, B)
+    k = ctx.view(qkv, ne, nb, ch * es)
+    v = ctx.view(qkv, ne, nb, 2 * ch * es)
+    if rel_pos is None:
+        return layers.attention(ctx, q, k, v, None, 1.0 / math.sqrt(ch))
+    v_t = ctx.cont(ctx.permute(v, 1, 0, 2, 3))                                 # ne (T, ch, H, B)
+    weight = ctx.soft_max_ext(ctx.mul_mat(ctx.cont(k), ctx.cont(q)), rel_pos, 1.0 / math.sqrt(ch))  # (T_k, T_q, H, B)
+    a = ctx.mul_mat(v_t, weight)                                               # ne (ch, T_q, H, B)
+    return ctx.reshape(ctx.cont(ctx.permute(a, 0, 2, 1, 3)), ch * n_heads, t, b)
