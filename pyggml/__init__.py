@@ -4,7 +4,13 @@
 Pythonic layer over it: contexts that build graphs with checked ops, tensors with numpy in and out, backends that
 allocate and compute, graph print and DOT export, and ggml's logs routed to the ``pyggml.ggml`` logger.
 """
-from . import log
+from pkgutil import extend_path
+
+# Run from a source checkout (python -m ... in the repository root), this directory shadows the installed package,
+# which alone holds the compiled extension: let the package span both, so that pyggml._ggml is found.
+__path__ = extend_path(__path__, __name__)
+
+from . import log  # noqa: E402
 from .backend import (Backend, Buffer, Device, GraphAllocator, RawBuffer, backend_names, commit, cuda_available,
                       cuda_device_count, devices, version)
 from .context import Context

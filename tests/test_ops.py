@@ -314,3 +314,16 @@ def test_recomputing_a_graph_after_others_reallocated_the_buffer(cpu):
     np.testing.assert_array_equal(y1.get(), np.arange(8, dtype=np.float32) * 3)
     cpu.compute(g2, {x2: np.full(1 << 20, 2, np.float32)})
     assert (y2.get() == 2).all()
+
+
+def test_importable_from_the_source_root():
+    """`python -m tortoise_ggml.generate` in a checkout puts the source pyggml/ first on sys.path; the compiled
+    extension lives only in the installed copy and must still be found."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", "import pyggml; print(pyggml.__file__, pyggml.version())"], cwd=root,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "0.20.2" in p.stdout
