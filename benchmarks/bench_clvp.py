@@ -14,7 +14,6 @@ The random checkpoint and its GGUFs are cached under ~/.cache/tortoise-ggml/benc
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,21 +21,8 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
+from _common import TESTS, full_size_model, peak_rss_mb
 
-
-def _rss_mb() -> float:
-    """Peak RSS of this process. ru_maxrss would carry over the parent's peak (Linux keeps it across fork and exec,
-    and the parent has torch loaded); VmHWM belongs to this program's own address space."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _child(a) -> None:
@@ -63,7 +49,7 @@ def _child(a) -> None:
 
         def run(t, c):
             return oracle.clvp_scores(ref, torch.from_numpy(t), torch.from_numpy(c)).numpy()
-    out["rss_loaded_mb"] = _rss_mb()
+    out["rss_loaded_mb"] = peak_rss_mb()
     run(text, codes[:2, :50])
     times, cpu = [], []
     for _ in range(a.repeat):
@@ -74,28 +60,12 @@ def _child(a) -> None:
     out["time_s"] = min(times)
     out["times"] = times
     out["cpu_s"] = min(cpu)
-    out["peak_rss_mb"] = _rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     if a.child == "ours":
         out["graph_mb"] = clvp.backend.allocator.size / 2**20
         out["graph_nodes"] = clvp.last_graph_nodes
     np.save(os.path.join(a.workdir, f"scores_{a.child}{a.tag}.npy"), scores)
     print(json.dumps(out), flush=True)
-
-
-def _prepare(types: list[str]) -> tuple[str, dict]:
-    sys.path.insert(0, TESTS)
-    from reference import oracle, shim
-    from tortoise_ggml.convert import convert
-    cache = os.path.join(shim.cache_dir(), "bench_clvp")
-    ckpt = os.path.join(cache, "ckpt_full")
-    if not os.path.isfile(os.path.join(ckpt, "clvp2.pth")):
-        oracle.save_all("full", ckpt, names=["clvp"])
-    ggufs = {}
-    for t in types:
-        ggufs[t] = os.path.join(cache, f"clvp-full-{t}.gguf")
-        if not os.path.isfile(ggufs[t]):
-            convert(ckpt, ggufs[t], type=t, components=["clvp"])
-    return ckpt, ggufs
 
 
 def _spawn(a, side, work, gguf, ckpt, tag=""):
@@ -129,7 +99,7 @@ def main():
     if a.child:
         return _child(a)
 
-    ckpt, ggufs = _prepare(a.types)
+    ckpt, ggufs = full_size_model("clvp", a.types)
     sys.path.insert(0, TESTS)
     from reference import oracle
     rng = np.random.default_rng(0)

@@ -15,7 +15,6 @@ outputs (the step's: both halves). The random checkpoint and its GGUF are cached
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,13 +22,9 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
+from _common import HERE, TESTS, full_size_model, peak_rss_mb
+
 TIMESTEP = 500
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _fastest(fn, repeat):
@@ -80,30 +75,16 @@ def _child(a) -> None:
             pre_t, xt = torch.from_numpy(pre), torch.from_numpy(x)
             return np.concatenate([oracle.diffusion_step(ref, xt, t, pre_t).numpy(),
                                    oracle.diffusion_step(ref, xt, t, pre_t, conditioning_free=True).numpy()])
-    res["rss_loaded_mb"] = _rss_mb()
+    res["rss_loaded_mb"] = peak_rss_mb()
     pre, res["timestep_independent_s"] = _fastest(precompute, a.repeat)
     out, res["step_s"] = _fastest(lambda: step(pre), a.repeat)
-    res["peak_rss_mb"] = _rss_mb()
+    res["peak_rss_mb"] = peak_rss_mb()
     if a.child == "ours":
         res["graph_mb"] = model.backend.allocator.size / 2**20
         res["graph_nodes"] = model.last_graph_nodes
     np.save(os.path.join(a.workdir, f"pre_{a.child}.npy"), pre)
     np.save(os.path.join(a.workdir, f"step_{a.child}.npy"), out)
     print(json.dumps(res), flush=True)
-
-
-def _prepare(type_: str) -> tuple[str, str]:
-    sys.path.insert(0, TESTS)
-    from reference import oracle, shim
-    from tortoise_ggml.convert import convert
-    cache = os.path.join(shim.cache_dir(), "bench_diffusion")
-    ckpt = os.path.join(cache, "ckpt_full")
-    if not os.path.isfile(os.path.join(ckpt, "diffusion_decoder.pth")):
-        oracle.save_all("full", ckpt, names=["diffusion"])
-    gguf = os.path.join(cache, f"diffusion-full-{type_}.gguf")
-    if not os.path.isfile(gguf):
-        convert(ckpt, gguf, type=type_, components=["diffusion"])
-    return ckpt, gguf
 
 
 def main():
@@ -121,7 +102,8 @@ def main():
     if a.child:
         return _child(a)
 
-    ckpt, gguf = _prepare(a.type)
+    ckpt, ggufs = full_size_model("diffusion", [a.type])
+    gguf = ggufs[a.type]
     sys.path.insert(0, os.path.dirname(HERE))
     from tortoise_ggml.models.diffusion_decoder import output_seq_len
     length = output_seq_len(a.codes)
