@@ -11,7 +11,6 @@ The random checkpoint and its GGUF are cached under ~/.cache/tortoise-ggml/bench
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,22 +18,9 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
+from _common import TESTS, full_size_model, peak_rss_mb
+
 SAMPLE_RATE, HOP = 24000, 256
-
-
-def _rss_mb() -> float:
-    """Peak RSS of this process image. /proc's VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the
-    forking parent, which has imported torch to build the checkpoint."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _child(a) -> None:
@@ -62,7 +48,7 @@ def _child(a) -> None:
 
         def run(m, zz):
             return oracle.vocoder_run(ref, torch.from_numpy(m), torch.from_numpy(zz)).numpy()[:, 0]
-    out["rss_loaded_mb"] = _rss_mb()
+    out["rss_loaded_mb"] = peak_rss_mb()
     run(mel[:, :, :warm_frames], z[:, :, :warm_frames + 10])
     times, cpu = [], []
     for _ in range(a.repeat):
@@ -73,26 +59,12 @@ def _child(a) -> None:
     best = int(np.argmin(times))
     out["time_s"], out["cpu_s"] = times[best], cpu[best]
     out["times"] = times
-    out["peak_rss_mb"] = _rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     if a.child == "ours":
         out["graph_mb"] = voc.backend.allocator.size / 2**20
         out["graph_nodes"] = voc.last_graph_nodes
     np.save(os.path.join(a.workdir, f"wav_{a.child}.npy"), wav)
     print(json.dumps(out), flush=True)
-
-
-def _prepare(type_: str) -> tuple[str, str]:
-    sys.path.insert(0, TESTS)
-    from reference import oracle, shim
-    from tortoise_ggml.convert import convert
-    cache = os.path.join(shim.cache_dir(), "bench_vocoder")
-    ckpt = os.path.join(cache, "ckpt_full")
-    if not os.path.isfile(os.path.join(ckpt, "vocoder.pth")):
-        oracle.save_all("full", ckpt, names=["vocoder"])
-    gguf = os.path.join(cache, f"vocoder-full-{type_}.gguf")
-    if not os.path.isfile(gguf):
-        convert(ckpt, gguf, type=type_, components=["vocoder"])
-    return ckpt, gguf
 
 
 def main():
@@ -110,7 +82,8 @@ def main():
     if a.child:
         return _child(a)
 
-    ckpt, gguf = _prepare(a.type)
+    ckpt, ggufs = full_size_model("vocoder", [a.type])
+    gguf = ggufs[a.type]
     rows = []
     for seconds in a.seconds:
         frames = int(round(seconds * SAMPLE_RATE / HOP))
