@@ -100,13 +100,17 @@ class Buffer:
 
 
 def _forget_compute_memory(graph: Graph) -> None:
-    """Detach every tensor of ``graph`` that lives in a graph allocator's (compute) buffer, views included."""
-    compute = lib.GGML_BACKEND_BUFFER_USAGE_COMPUTE
-    for t in graph.nodes() + graph.leafs():
-        p = t.ptr
-        if p.buffer != ffi.NULL and lib.ggml_backend_buffer_get_usage(p.buffer) == compute:
-            p.data = ffi.NULL
-            p.buffer = ffi.NULL
+    """Detach what a graph allocator placed: every node (results and views alike: a view of a persistent tensor is
+    simply re-initialised from its source) and the input leafs. Their old buffer may be freed already, so it is
+    never looked at."""
+    input_flag = lib.GGML_TENSOR_FLAG_INPUT
+    for t in graph.nodes():
+        t.ptr.data = ffi.NULL
+        t.ptr.buffer = ffi.NULL
+    for t in graph.leafs():
+        if t.ptr.flags & input_flag:
+            t.ptr.data = ffi.NULL
+            t.ptr.buffer = ffi.NULL
 
 
 class GraphAllocator:
@@ -116,7 +120,6 @@ class GraphAllocator:
         self.backend = backend
         self.ptr = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(backend.ptr))
         self._last = None
-        self._planned: weakref.WeakSet = weakref.WeakSet()
         if self.ptr == ffi.NULL:
             raise MemoryError("ggml_gallocr_new failed")
 
@@ -126,17 +129,17 @@ class GraphAllocator:
         # overlap live tensors. Plan afresh for every new graph; recomputing the same graph keeps its plan.
         last = self._last() if self._last is not None else None
         if last is not graph:
-            if graph in self._planned:
-                # ggml-alloc skips tensors that already have data: a graph computed before (under another plan,
-                # perhaps in a buffer since reallocated) would keep stale addresses. Forget them first.
+            if getattr(graph, "_placed", False):
+                # ggml-alloc skips tensors that already have data: a graph computed before (under another plan or
+                # allocator, perhaps in a buffer since freed) would keep stale addresses. Forget them first.
                 _forget_compute_memory(graph)
             if not lib.ggml_gallocr_reserve(self.ptr, graph.ptr):
                 raise MemoryError(f"{self.backend.name}: could not reserve memory for a graph of "
                                   f"{graph.n_nodes} nodes")
             self._last = weakref.ref(graph)
-            self._planned.add(graph)
         if not lib.ggml_gallocr_alloc_graph(self.ptr, graph.ptr):
             raise MemoryError(f"{self.backend.name}: could not allocate memory for a graph of {graph.n_nodes} nodes")
+        graph._placed = True
 
     @property
     def size(self) -> int:
@@ -228,7 +231,9 @@ class Backend:
     def _check_leafs(self, graph: Graph) -> None:
         for leaf in graph.leafs():
             p = leaf.ptr
-            if p.data == ffi.NULL and p.view_src == ffi.NULL and not p.flags & lib.GGML_TENSOR_FLAG_INPUT:
+            if p.flags & lib.GGML_TENSOR_FLAG_INPUT:
+                continue  # the graph allocator places inputs (an input's old buffer may be freed: do not look)
+            if p.data == ffi.NULL and p.view_src == ffi.NULL:
                 # the graph allocator would give it scratch memory: a forgotten weight would read garbage
                 raise GGMLError(f"graph input {leaf!r} has no memory: allocate its context with "
                                 "Backend.alloc_tensors (or give it data) before compute")
