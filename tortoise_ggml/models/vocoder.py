@@ -95,6 +95,30 @@ def _windows(ctx: Context, xp: Tensor, taps: int, dilation: int, t_out: int, con
     return ctx.reshape(ctx.cont(win), c * taps, t_out, n)
 
 
+def _flat(ctx: Context, x: Tensor, r: int) -> Tensor:
+    """Contiguous time-major x ne (C, T, B) as rows of r samples, ne (C*r, T/r, B): the same memory in long rows,
+    which ggml's element-wise ops go through with much less per-row work than rows of C floats."""
+    return ctx.reshape(x, x.ne[0] * r, x.ne[1] // r, x.ne[2]) if x.ne[1] % r == 0 else x
+
+
+def _unflat(ctx: Context, y: Tensor, like: Tensor) -> Tensor:
+    """``_flat`` undone: y back in the shape of ``like``."""
+    return ctx.reshape(y, *like.ne[:3]) if y.ne != like.ne else y
+
+
+def _pad_time(ctx: Context, x: Tensor, left: int, right: int, r: int = 1) -> Tensor:
+    """Time-major x ne (C, T, B) zero padded in time: ne (C, left+T+right, B). With ``r`` > 1 (T a multiple of it)
+    the padding is done in whole ``_flat`` rows of r samples, which ggml pads much faster than rows of C floats,
+    and the result is a view of the padded tensor (not contiguous across the batch)."""
+    if r <= 1 or x.ne[1] % r:
+        return ctx.pad_ext(x, 0, 0, left, right)
+    rows_l, rows_r = -(-left // r), -(-right // r)
+    xp = ctx.pad_ext(_flat(ctx, x, r), 0, 0, rows_l, rows_r)                 # ne (C*r, T/r + rows, B)
+    c, t, n = x.ne[0], x.ne[1] + (rows_l + rows_r) * r, x.ne[2]
+    xp = ctx.reshape(xp, c, t, n)
+    return ctx.view(xp, (c, left + x.ne[1] + right, n), (xp.nb[1], xp.nb[2]), offset=(rows_l * r - left) * xp.nb[1])
+
+
 def _tap_major(ctx: Context, w: Tensor, taps: int) -> Tensor:
     """A Conv1d weight, torch (C_out, C_in, K) = ne (K, C_in, C_out), as the ne (C_in*taps, C_out) matrix whose rows
     are ordered like ``_windows`` (tap-major, channel-minor), zero for taps >= K."""
@@ -106,17 +130,23 @@ def _tap_major(ctx: Context, w: Tensor, taps: int) -> Tensor:
 
 
 def conv1d_time_major(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, padding: int = 0,
-                      dilation: int = 1, rules: Windows = Windows(1, False)) -> Tensor:
-    """torch Conv1d (zero padding, stride 1) on time-major x ne (C_in, T, B) -> ne (C_out, T_out, B)."""
+                      dilation: int = 1, rules: Windows = Windows(1, False), rows: int = 1) -> Tensor:
+    """torch Conv1d (zero padding, stride 1) on time-major x ne (C_in, T, B) -> ne (C_out, T_out, B).
+    ``rows``: pad and add the bias on ``_flat`` rows of that many samples (T a multiple of it)."""
     k, c_in = w.ne[0], w.ne[1]
     if c_in != x.ne[0]:
         raise pg.ShapeError(f"conv1d: weight {w!r} expects {c_in} input channels, input {x!r}")
     taps = taps_for(k, c_in, rules.step)
     t_out = x.ne[1] + 2 * padding - dilation * (k - 1)
     # the extra taps read (zero-weighted) samples past the end: pad for them too
-    xp = ctx.pad_ext(x, 0, 0, padding, padding + dilation * (taps - k))
+    xp = _pad_time(ctx, x, padding, padding + dilation * (taps - k), rows)
     y = ctx.mul_mat(_tap_major(ctx, w, taps), _windows(ctx, xp, taps, dilation, t_out, rules.contiguous))
-    return ctx.add(y, b) if b is not None else y
+    if b is None:
+        return y
+    if rows > 1 and t_out % rows == 0:    # the bias repeated along the row
+        yr = _flat(ctx, y, rows)
+        return _unflat(ctx, ctx.add(yr, ctx.repeat_4d(b, yr.ne[0], 1, 1, 1)), y)
+    return ctx.add(y, b)
 
 
 def conv_transpose1d_time_major(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, stride: int, padding: int,
@@ -307,38 +337,42 @@ class LVCBlock:
         x = conv_transpose1d_time_major(ctx, ctx.leaky_relu(x, self.slope), *self.convt_pre, stride=s,
                                         padding=s // 2 + s % 2, output_padding=s % 2, rules=self.convt_windows)
         kernels, bias = self.kernel_predictor.forward(ctx, c)
+        hop = self.cond_hop_length
+        # the element-wise ops run on rows of hop samples (``_flat``): the same memory, far fewer rows
         for i, (w, b) in enumerate(self.conv_blocks):
             d = self.dilations[i]
-            output = ctx.leaky_relu(x, self.slope)
+            output = _unflat(ctx, ctx.leaky_relu(_flat(ctx, x, hop), self.slope), x)
             output = conv1d_time_major(ctx, output, w, b, padding=d * (self.conv_kernel_size - 1) // 2, dilation=d,
-                                       rules=self.conv_windows)
-            output = ctx.leaky_relu(output, self.slope)
-            output = self.location_variable_convolution(ctx, output, kernels[i], bias[i],
-                                                        hop_size=self.cond_hop_length)   # ne (2C, T, B)
-            es = output.nb[0]
-            gate = ctx.view(output, (in_channels, output.ne[1], output.ne[2]), (output.nb[1], output.nb[2]))
-            filt = ctx.view(output, (in_channels, output.ne[1], output.ne[2]), (output.nb[1], output.nb[2]),
-                            offset=in_channels * es)
-            x = ctx.add(x, ctx.mul(ctx.sigmoid(gate), ctx.tanh(filt)))
+                                       rules=self.conv_windows, rows=hop)
+            output = _unflat(ctx, ctx.leaky_relu(_flat(ctx, output, hop), self.slope), output)
+            # the reference's output[:, :C] (gate) and output[:, C:] (filter), each its own contiguous tensor
+            gate, filt = self.location_variable_convolution(ctx, output, kernels[i], bias[i], hop_size=hop,
+                                                            groups=2)          # ne (C, T, B) each
+            gated = ctx.mul(ctx.sigmoid(_flat(ctx, gate, hop)), ctx.tanh(_flat(ctx, filt, hop)))
+            x = _unflat(ctx, ctx.add(_flat(ctx, x, hop), gated), x)
             if order is not None:
                 order.append(x)
         return x
 
     def location_variable_convolution(self, ctx: Context, x: Tensor, kernel: Tensor, bias: Tensor, dilation: int = 1,
-                                      hop_size: int = 256) -> Tensor:
+                                      hop_size: int = 256, groups: int = 1):
         """x: time-major ne (C_in, L*hop, B); kernel ne (C_in*K, C_out, L, B); bias ne (C_out, 1, L, B)
         -> ne (C_out, L*hop, B): segment l (samples [l*hop, (l+1)*hop)) convolved with its own kernel, the windows
-        reaching into the neighbouring segments (zero padded only at the ends), as the reference's unfold does."""
+        reaching into the neighbouring segments (zero padded only at the ends), as the reference's unfold does.
+        ``groups`` > 1: a list of the output's ``groups`` channel groups, each computed as its own contiguous
+        ne (C_out/groups, L*hop, B) (from the same windows), so that ops on one group read it contiguously."""
         c_in, in_length, batch = x.ne[0], x.ne[1], x.ne[2]
         k_rows, c_out, kernel_length = kernel.ne[0], kernel.ne[1], kernel.ne[2]
         k = k_rows // c_in
         if in_length != kernel_length * hop_size:
             raise pg.ShapeError(f"length of x {x!r} and kernel {kernel!r} is not matched (hop {hop_size})")
+        if c_out % groups:
+            raise pg.ShapeError(f"{c_out} output channels do not split into {groups} groups")
         taps = taps_for(k, c_in, self.lvc_windows.step)
         if taps > k:
             kernel = ctx.pad(kernel, c_in * (taps - k))                    # zero weights for the extra taps
         padding = dilation * (k - 1) // 2
-        xp = ctx.pad_ext(x, 0, 0, padding, padding + dilation * (taps - k))
+        xp = _pad_time(ctx, x, padding, padding + dilation * (taps - k), hop_size)
         cols = _windows(ctx, xp, taps, dilation, in_length, self.lvc_windows.contiguous)  # ne (C_in*taps, L*hop, B)
         # the same windows as one (C_in*taps, hop) matrix per segment, for mul_mat to pair with the segment's kernel
         if not cols.is_contiguous:   # a view: segments step hop windows along the padded input
@@ -346,8 +380,16 @@ class LVCBlock:
                                     (cols.nb[1], hop_size * cols.nb[1], cols.nb[2]))
         else:
             cols = ctx.reshape(cols, c_in * taps, hop_size, kernel_length, batch)
-        o = ctx.add(ctx.mul_mat(kernel, cols), bias)                     # ne (C_out, hop, L, B)
-        return ctx.reshape(o, c_out, in_length, batch)
+        g = c_out // groups
+        outs = []
+        for j in range(groups):
+            kj = kernel if groups == 1 else ctx.view(kernel, (kernel.ne[0], g, kernel_length, batch),
+                                                     kernel.nb[1:], offset=j * g * kernel.nb[1])
+            bj = bias if groups == 1 else ctx.view(bias, (g, 1, kernel_length, batch), bias.nb[1:],
+                                                   offset=j * g * bias.nb[0])
+            o = ctx.add(ctx.mul_mat(kj, cols), bj)                       # ne (g, hop, L, B)
+            outs.append(ctx.reshape(o, g, in_length, batch))
+        return outs[0] if groups == 1 else outs
 
 
 class UnivNetGenerator:
@@ -388,6 +430,7 @@ class UnivNetGenerator:
         self.post_windows = windows_for(backend, 1)
         self.slope = slope
         self.last_graph_nodes = 0
+        self._graph = None  # (key, context, graph, inputs, output) of the last run, reused for the same size
 
     def forward(self, ctx: Context, c: Tensor, z: Tensor, order: list | None = None) -> Tensor:
         """c: mel ne (L, n_mel, B); z: noise ne (L, noise_dim, B) -> waveform ne (1, L*hop_length, B) (time-major:
@@ -461,13 +504,23 @@ class UnivNetGenerator:
 
     def _run(self, mel: np.ndarray, z: np.ndarray) -> np.ndarray:
         batch, _, length = mel.shape
-        # a graph of a few hundred nodes; every tensor of it is described here (data comes from the allocator)
-        with Context(max_tensors=4096, graph_size=4096) as ctx:
+        # the graph depends on the input size only (and the backend's thread count, through the window rules):
+        # build it once per size and recompute it for repeated calls of that size
+        key = (batch, length, self.backend.threads)
+        cached = self._graph if self._graph is not None and self._graph[0] == key else None
+        if cached is None:
+            self._graph = None                                            # free the old one first
+            # a graph of a few hundred nodes; every tensor of it is described here (data comes from the allocator)
+            ctx = Context(max_tensors=4096, graph_size=4096)
             c_in = ctx.new_tensor("f32", (length, self.mel_channel, batch), "mel").set_input()
             z_in = ctx.new_tensor("f32", (length, self.noise_dim, batch), "noise").set_input()
             order: list[Tensor] = []
             out = self.forward(ctx, c_in, z_in, order)
             graph = pg.Graph(ctx, *order, out)
-            self.last_graph_nodes = graph.n_nodes
-            self.backend.compute(graph, {c_in: mel, z_in: z})
-            return out.get().reshape(batch, length * self.hop_length)
+            cached = (key, ctx, graph, c_in, z_in, out)
+        _, ctx, graph, c_in, z_in, out = cached
+        self.last_graph_nodes = graph.n_nodes
+        # the per-node checks ran when the graph was first computed
+        self.backend.compute(graph, {c_in: mel, z_in: z}, check=self._graph is None)
+        self._graph = cached
+        return out.get().reshape(batch, length * self.hop_length)
