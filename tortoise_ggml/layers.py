@@ -14,9 +14,17 @@ from pyggml import Context, Tensor
 
 
 def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """torch Linear on sequence data: x ne (in, T, B) -> ne (out, T, B)."""
-    y = ctx.mul_mat(w, x)
-    return ctx.add(y, b) if b is not None else y
+    """torch Linear on sequence data: x ne (in, T, B) -> ne (out, T, B).
+
+    A contiguous batch runs as one (in, T*B) product: with a 3-D operand ggml's CPU mul_mat runs one product per
+    batch entry, each reading the whole weight matrix (a decode step over B rows would stream the weights B times).
+    """
+    n, t, bt = x.ne[0], x.ne[1], x.ne[2]
+    flat = bt > 1 and x.ne[3] == 1 and x.is_contiguous
+    y = ctx.mul_mat(w, ctx.reshape(x, n, t * bt) if flat else x)
+    if b is not None:
+        y = ctx.add(y, b)
+    return ctx.reshape(y, y.ne[0], t, bt) if flat else y
 
 
 def layer_norm(ctx: Context, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:

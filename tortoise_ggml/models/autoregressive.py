@@ -25,7 +25,7 @@ from pyggml import Context, Graph, Tensor
 
 from .. import layers
 from .arch_util import normalization, qkv_attention_legacy
-from .gpt2 import GPT2Model, LayerNorm, linear_rows
+from .gpt2 import GPT2Model, LayerNorm
 from .kv_cache import KVCache
 
 MEL_POSITIONS = ("fixed", "original")
@@ -102,7 +102,7 @@ class Linear:
         self.bias = weights.get(prefix + ".bias")
 
     def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return linear_rows(ctx, x, self.weight, self.bias)
+        return layers.linear(ctx, x, self.weight, self.bias)
 
 
 class Conv1x1:
@@ -115,7 +115,7 @@ class Conv1x1:
         self.weight, self.bias = w, weights[prefix + ".bias"]
 
     def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return linear_rows(ctx, x, ctx.reshape(self.weight, self.weight.ne[1], self.weight.ne[2]), self.bias)
+        return layers.linear(ctx, x, ctx.reshape(self.weight, self.weight.ne[1], self.weight.ne[2]), self.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,19 +15,6 @@ from .. import layers
 from .kv_cache import KVCache
 
 
-def linear_rows(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """layers.linear on x ne (in, T, B) as one (in, T*B) product.
-
-    A 3-D operand makes ggml's CPU mul_mat run one product per batch entry, each reading the whole weight matrix:
-    a decode step over B rows (T = 1) would stream the weights B times instead of once.
-    """
-    n, t, bt = x.ne[0], x.ne[1], x.ne[2]
-    if bt == 1 or not x.is_contiguous:
-        return layers.linear(ctx, x, w, b)
-    y = layers.linear(ctx, ctx.reshape(x, n, t * bt), w, b)
-    return ctx.reshape(y, y.ne[0], t, bt)
-
-
 class Conv1D:
     """GPT-2's Conv1D (a Linear with its weight stored transposed; the converter undid that)."""
 
@@ -36,7 +23,7 @@ class Conv1D:
         self.bias = weights[prefix + ".bias"]
 
     def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return linear_rows(ctx, x, self.weight, self.bias)
+        return layers.linear(ctx, x, self.weight, self.bias)
 
 
 class LayerNorm:
