@@ -11,7 +11,7 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 from . import log  # noqa: E402
-from .backend import (Backend, Buffer, Device, GraphAllocator, RawBuffer, backend_names, commit, cuda_available,
+from .backend import (Backend, Buffer, BufferType, Device, GraphAllocator, RawBuffer, backend_names, commit, cuda_available,
                       cuda_device_count, devices, version)
 from .context import Context
 from .errors import BackendUnavailable, GGMLError, OutOfContextMemory, ShapeError
@@ -22,6 +22,6 @@ from .dtypes import Type
 
 log.install()
 
-__all__ = ["Backend", "Buffer", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
+__all__ = ["Backend", "Buffer", "BufferType", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
            "cuda_available", "cuda_device_count", "version", "commit", "Context", "Graph", "Tensor", "Type",
            "GGMLError", "ShapeError", "BackendUnavailable", "OutOfContextMemory", "HAS_CUDA", "log"]

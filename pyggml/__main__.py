@@ -13,6 +13,9 @@ def info() -> None:
     for d in pyggml.devices():
         mem = f", {d.memory_free / 2**30:.1f} of {d.memory_total / 2**30:.1f} GiB free" if d.memory_total else ""
         print(f"  {d.name} [{d.kind}] {d.description}{mem}")
+    with pyggml.Backend("cpu", threads=1) as cpu:
+        extra = [b.name for b in cpu.extra_buffer_types()]
+    print(f"CPU weight layouts: {', '.join(extra) or 'none'}")
 
 
 def main(argv=None) -> int:

@@ -63,6 +63,26 @@ def backend_names() -> list[str]:
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
+class BufferType:
+    """A kind of backend memory. Besides each backend's default, the CPU backend offers "extra" types that store
+    matmul weights in the layout of a faster kernel (AMX on Intel CPUs that have it, CPU_REPACK): such memory is
+    not host memory, and only the ops those kernels implement may read it (``Backend.compute`` checks)."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    @property
+    def name(self) -> str:
+        return string(lib.ggml_backend_buft_name(self.ptr))
+
+    @property
+    def is_host(self) -> bool:
+        return bool(lib.ggml_backend_buft_is_host(self.ptr))
+
+    def __repr__(self) -> str:
+        return f"<BufferType {self.name}>"
+
+
 class Buffer:
     """Backend memory holding the tensors of one context (weights, KV caches, inputs)."""
 
@@ -203,16 +223,36 @@ class Backend:
         return f"Backend({self.kind!r}{extra})"
 
     # -- memory ------------------------------------------------------------------------------------------------
-    def alloc_tensors(self, ctx: Context) -> Buffer:
-        """Allocate every tensor of a ``no_alloc`` context in one buffer of this backend."""
+    def alloc_tensors(self, ctx: Context, buffer_type: BufferType | None = None) -> Buffer:
+        """Allocate every tensor of a ``no_alloc`` context in one buffer of this backend (of ``buffer_type``, one
+        of ``extra_buffer_types()``, when given). Write an extra type's tensors whole, with ``Tensor.set`` or
+        ggml_backend_tensor_set: that is where they are converted to the kernel's layout."""
         if not ctx.no_alloc:
             raise ValueError("alloc_tensors needs a Context created with no_alloc=True")
-        ptr = lib.ggml_backend_alloc_ctx_tensors(ctx._live(), self.ptr)
+        if buffer_type is None:
+            ptr = lib.ggml_backend_alloc_ctx_tensors(ctx._live(), self.ptr)
+        else:
+            if not lib.ggml_backend_supports_buft(self.ptr, buffer_type.ptr):
+                raise ValueError(f"the {self.name} backend cannot use {buffer_type.name} memory")
+            ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx._live(), buffer_type.ptr)
         if ptr == ffi.NULL:
             if not ctx.tensors():
                 raise ValueError("alloc_tensors: the context has no tensors")
             raise MemoryError(f"{self.name}: could not allocate the context's tensors")
         return Buffer(ptr, self, ctx)
+
+    def extra_buffer_types(self) -> list[BufferType]:
+        """The device's extra buffer types (CPU: AMX, CPU_REPACK when this CPU and build have them)."""
+        dev = lib.ggml_backend_get_device(self.ptr)
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+        if fn == ffi.NULL:
+            return []
+        arr = ffi.cast("ggml_backend_buffer_type_t * (*)(ggml_backend_dev_t)", fn)(dev)
+        out = []
+        while arr != ffi.NULL and arr[len(out)] != ffi.NULL:
+            out.append(BufferType(arr[len(out)]))
+        return out
 
     def alloc_buffer(self, size: int) -> "RawBuffer":
         """An empty buffer of ``size`` bytes in this backend's default memory (for tensor allocators)."""
@@ -322,5 +362,5 @@ def commit() -> str:
     return string(lib.ggml_commit())
 
 
-__all__ = ["Backend", "Buffer", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
+__all__ = ["Backend", "Buffer", "BufferType", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
            "cuda_available", "cuda_device_count", "version", "commit"]

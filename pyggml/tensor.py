@@ -107,6 +107,19 @@ class Tensor:
         if not self.is_contiguous:
             raise GGMLError(f"cannot {verb} {self!r}: it is not contiguous (use ctx.cont first)")
 
+    @property
+    def matmul_layout(self) -> str | None:
+        """The CPU extra buffer type (AMX, CPU_REPACK) holding this tensor in a matmul kernel's own layout, or None.
+        Such a tensor can only be the weight (first operand) of mul_mat, with a contiguous 2-D second operand."""
+        buf = self.ptr.buffer
+        if buf == ffi.NULL or lib.ggml_backend_buffer_is_host(buf):
+            return None
+        buft = lib.ggml_backend_buffer_get_type(buf)
+        dev = lib.ggml_backend_buft_get_device(buft)
+        if dev == ffi.NULL or lib.ggml_backend_dev_type(dev) != lib.GGML_BACKEND_DEVICE_TYPE_CPU:
+            return None
+        return string(lib.ggml_backend_buft_name(buft))
+
     def _coerce(self, array) -> np.ndarray:
         t = self.type
         arr = np.asarray(array)
@@ -132,6 +145,9 @@ class Tensor:
         data = self._coerce(array)
         if data.nbytes + offset > self.nbytes:
             raise ShapeError(f"{data.nbytes} bytes at offset {offset} overflow {self!r} ({self.nbytes} bytes)")
+        layout = self.matmul_layout
+        if layout and (offset or data.nbytes != self.nbytes):
+            raise GGMLError(f"{self!r} is stored in the {layout} matmul layout: write it whole")
         src = ffi.from_buffer(data)
         if self.ptr.buffer != ffi.NULL:
             lib.ggml_backend_tensor_set(self.ptr, src, offset, data.nbytes)
@@ -142,6 +158,9 @@ class Tensor:
     def get(self, raw: bool = False) -> np.ndarray:
         """The tensor's data as a new numpy array (float32 for BF16; uint8 bytes for quantized types)."""
         self._check_data_access("read")
+        layout = self.matmul_layout
+        if layout:
+            raise GGMLError(f"{self!r} is stored in the {layout} matmul layout, which cannot be read back")
         t = self.type
         if t in NUMPY_DTYPES:
             out = np.empty(self.shape, dtype=NUMPY_DTYPES[t])
