@@ -3,6 +3,8 @@ full-size random weights, in the same run. Prints a markdown table of millisecon
 
     python benchmarks/bench_autoregressive.py [--threads 2] [--types f32,f16,q8_0] [--batches 1,16]
 
+A type "q8_0-plain" loads the q8_0 file without the CPU's repacked matmul layout (AMX), to show what it brings.
+
 Measured:
   * prefill: the shared prefix [cond | text | start_mel] at batch 1 (the reference's first cached forward; ours
     GPT2InferenceModel.start with the KV cache and decode graph already made).
@@ -81,7 +83,8 @@ class Ours:
         from tortoise_ggml.models.autoregressive import UnifiedVoice
         self.label = f"ours {type}"
         self.be = pg.Backend("cpu", threads=threads)
-        self.mf = ModelFile(path, self.be, components=["autoregressive"])
+        self.mf = ModelFile(path, self.be, components=["autoregressive"], repack=not type.endswith("-plain"))
+        self.layout = "AMX" if self.mf.matmul_buffer is not None else ""
         self.uv = UnifiedVoice.from_model_file(self.mf, self.be, kv_cache_type=kv_type)
         self.cond, self.text, self.mel = (inp[k].numpy() for k in ("ar_cond_latent", "text_tokens", "mel_codes"))
         self.max_new = max_new
@@ -144,12 +147,13 @@ def main():
 
     from reference import oracle
     import torch
-    paths = prepare(a.cache, types)
+    paths = prepare(a.cache, sorted({t.split("-")[0] for t in types}))
     inp = oracle.make_inputs("full", n_codes=N_CODES)
     prefix = inp["text_tokens"].shape[1] + 4
     load0 = os.getloadavg()[0]
     models = [Reference(paths["ckpt"], inp)]
-    models += [Ours(paths[t], inp, a.threads, a.max_new, a.kv, t) for t in types]
+    models += [Ours(paths[t.split("-")[0]], inp, a.threads, a.max_new, a.kv, t) for t in types]
+    layouts = {m.label[5:]: m.layout for m in models[1:]}
     res = measure(models, batches, a.steps, a.rounds)
     load1 = os.getloadavg()[0]
     ref, ours = res["PyTorch"], {t: res[f"ours {t}"] for t in types}
@@ -160,7 +164,8 @@ def main():
           f"{load1:.1f}\n")
     rows = [("prefill b1", "prefill")] + [(f"decode step b{b}", f"decode_b{b}") for b in batches] + \
            [(f"latent pass b1 ({N_CODES} codes)", "latent")]
-    head = "| stage | PyTorch ms | " + " | ".join(f"ours {t} ms (ratio)" for t in types) + " |"
+    head = "| stage | PyTorch ms | " + " | ".join(f"ours {t}{' (' + layouts[t] + ')' if layouts[t] else ''} ms "
+                                                 "(ratio)" for t in types) + " |"
     print(head)
     print("|" + "---|" * (2 + len(types)))
     for label, key in rows:

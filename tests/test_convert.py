@@ -216,6 +216,23 @@ def test_full_size_key_tables_and_hparams(oracle, full_shapes):
                                                                                         [8, 8, 4])
 
 
+def test_gathered_keys_are_exactly_the_embedding_tables(oracle):
+    """ModelFile keeps GATHERED keys out of repacked matmul layouts: they must be every nn.Embedding's weight (the
+    tables models read with get_rows), and nothing else."""
+    import warnings
+    classes = {"autoregressive": oracle.UnifiedVoice, "diffusion": oracle.DiffusionTts, "clvp": oracle.CLVP,
+               "cvvp": oracle.CVVP, "vocoder": oracle.UnivNetGenerator}
+    for c in names.COMPONENTS:
+        cfg = oracle.CONFIGS["full"][c]
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            m = classes[c](**cfg) if c in classes else oracle.RandomLatentConverter(cfg["channels"])
+        tables = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Embedding)}
+        keys = set(m.state_dict())
+        assert tables <= keys, c
+        assert {k for k in keys if checkpoints.GATHERED.match(k)} == tables, c
+
+
 def test_tensor_names_fit_and_are_injective_at_full_size(full_shapes):
     all_names = set()
     for c, shapes in full_shapes.items():

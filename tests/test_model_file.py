@@ -119,6 +119,45 @@ def test_q8_0_file_loads_and_multiplies(small_gguf, small_gguf_q8, cpu):
         assert 0 < rel < 0.02
 
 
+def _has_amx(backend):
+    return any(bt.name == "AMX" for bt in backend.extra_buffer_types())
+
+
+@pytest.mark.skipif(not _has_amx(pg.Backend("cpu", threads=1)), reason="this CPU (or build) has no AMX")
+def test_q8_0_matmul_weights_in_the_amx_layout(small_gguf_q8, cpu):
+    """q8_0 matmul weights go to the AMX layout, embedding tables and odd-sized matrices stay plain; the products
+    match the plain layout's (both quantise the activations to q8_0); repacked weights refuse other ops."""
+    from tortoise_ggml import layers
+    with ModelFile(small_gguf_q8, cpu, components=["autoregressive"]) as amx, \
+            ModelFile(small_gguf_q8, cpu, components=["autoregressive"], repack=False) as plain:
+        wa, wp = amx.weights("autoregressive"), plain.weights("autoregressive")
+        key = "gpt.h.0.mlp.c_fc.weight"
+        assert wa[key].matmul_layout == "AMX" and wp[key].matmul_layout is None
+        assert amx.matmul_buffer is not None and plain.matmul_buffer is None
+        assert wa["mel_embedding.weight"].matmul_layout is None  # gathered by row
+        assert wa["mel_head.weight"].matmul_layout is None       # 8194 rows: not a multiple of the 32-row tiles
+        assert not any(w.matmul_layout for w in wp.values())
+        rng = np.random.default_rng(0)
+        d = wa[key].ne[0]
+        for rows in (1, 5, 16, 77):  # the VNNI path (one row) and AMX tiles with partial tiles
+            x = rng.standard_normal((rows, 2, d)).astype(np.float32)
+            outs = []
+            for w in (wa[key], wp[key]):
+                ctx = pg.Context()
+                xt = ctx.new_tensor("f32", (d, 2, rows)).set_input()
+                y = layers.linear(ctx, ctx.permute(xt, 0, 2, 1, 3), w)  # a non-contiguous (d, rows, 2) operand
+                cpu.compute(pg.Graph(ctx, y), {xt: x})
+                outs.append(y.get())
+            np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5 * np.abs(outs[1]).max())
+        with pytest.raises(pg.GGMLError, match="AMX matmul layout"):
+            wa[key].get()
+        ctx = pg.Context()
+        ids = ctx.new_tensor("i32", (3,)).set_input()
+        rows = ctx.get_rows(wa[key], ids)
+        with pytest.raises(pg.GGMLError, match="cannot compute"):
+            cpu.compute(pg.Graph(ctx, rows), {ids: np.array([0, 1, 2], np.int32)})
+
+
 def test_voices_are_readable(small_ckpt_dir, tmp_path, cpu):
     import torch
 

@@ -469,6 +469,10 @@ _SCHEMAS: dict[str, tuple[Callable, Callable]] = {
 # GPT-2 Conv1D weights, stored (in, out): the converter lays them out (out, in) like every Linear weight.
 CONV1D_TRANSPOSED = re.compile(r"gpt\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 
+# Embedding tables (torch nn.Embedding: token, position and relative-position-bias tables) are gathered by row, never
+# multiplied: every other 2-D weight is a matmul weight, which a CPU may keep in a repacked kernel layout.
+GATHERED = re.compile(r"(^|.*\.)(\w+_emb|\w+_embedding|emb|relative_attention_bias)\.weight$")
+
 
 def weight_norm_pairs(keys, source: str) -> dict[str, tuple[str, str]]:
     """{folded key: (g key, v key)} for every ``x.weight_g`` / ``x.weight_v`` pair; an unpaired half raises."""
@@ -539,4 +543,4 @@ def _summary(hp: dict, limit: int = 6) -> str:
     return ", ".join(sizes[:limit]) + (", ..." if len(sizes) > limit else "")
 
 
-__all__ = ["CheckpointError", "validate", "weight_norm_pairs", "CONV1D_TRANSPOSED"]
+__all__ = ["CheckpointError", "validate", "weight_norm_pairs", "CONV1D_TRANSPOSED", "GATHERED"]

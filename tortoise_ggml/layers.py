@@ -18,13 +18,16 @@ def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tenso
 
     A contiguous batch runs as one (in, T*B) product: with a 3-D operand ggml's CPU mul_mat runs one product per
     batch entry, each reading the whole weight matrix (a decode step over B rows would stream the weights B times).
+    A weight in a repacked matmul layout (AMX) takes only a contiguous 2-D operand, so there x is always flattened.
     """
-    n, t, bt = x.ne[0], x.ne[1], x.ne[2]
-    flat = bt > 1 and x.ne[3] == 1 and x.is_contiguous
-    y = ctx.mul_mat(w, ctx.reshape(x, n, t * bt) if flat else x)
+    if w.matmul_layout and not x.is_contiguous:
+        x = ctx.cont(x)
+    ne = x.ne
+    flat = (ne[2] > 1 or ne[3] > 1) and x.is_contiguous
+    y = ctx.mul_mat(w, ctx.reshape(x, ne[0], ne[1] * ne[2] * ne[3]) if flat else x)
     if b is not None:
         y = ctx.add(y, b)
-    return ctx.reshape(y, y.ne[0], t, bt) if flat else y
+    return ctx.reshape(y, y.ne[0], ne[1], ne[2], ne[3]) if flat else y
 
 
 def layer_norm(ctx: Context, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:

@@ -6,7 +6,9 @@
         w = mf.weights("vocoder")["conv_pre.weight"]    # pyggml.Tensor in the backend, original state-dict key
 
 The file is memory-mapped (gguf.GGUFReader) and each tensor's bytes are copied once, straight from the map into
-the backend buffer. No torch and no tortoise-tts here.
+the backend buffer. On a CPU with AMX (Intel Xeon 4th gen and later), the q8_0 matmul weights go to a second buffer
+in the AMX kernels' own layout (3x the int8 throughput of the plain q8_0 dot products); ``repack=False`` keeps
+every tensor in the plain layout. No torch and no tortoise-tts here.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import numpy as np
 import pyggml as pg
 from pyggml.raw import ffi, lib
 
+from .checkpoints import GATHERED
 from .names import (ARCHITECTURE, COMPONENTS, FORMAT_VERSION, MEL_NORMS_TENSOR, VOICE_PARTS, tensor_name,
                     voice_tensor_name)
 
 _PER_COMPONENT_INTERNAL = ("keys", "file")  # per-component metadata that is not a hyperparameter
+_AMX_TILE = 32  # ggml-cpu/amx: weights need rows (K) and a row count (N) that are multiples of 32 (supports_op)
 
 
 class Weights(Mapping):
@@ -68,7 +72,7 @@ def _field_value(field):
 class ModelFile:
     """A tortoise-ggml GGUF file with the tensors of ``components`` (default: all in the file) in ``backend``."""
 
-    def __init__(self, path, backend: pg.Backend, components=None):
+    def __init__(self, path, backend: pg.Backend, components=None, repack: bool = True):
         self.path = os.fspath(path)
         if not isinstance(backend, pg.Backend):
             raise TypeError(f"ModelFile needs a pyggml.Backend to load into, not {type(backend).__name__}")
@@ -81,10 +85,10 @@ class ModelFile:
         self.components = self._select(components)
         self._by_name = {t.name: t for t in self._reader.tensors}
         self._check_extents()
-        self._ctx = None
-        self.buffer = None
+        self._ctx = self._matmul_ctx = None
+        self.buffer = self.matmul_buffer = None
         self._weights: dict[str, Weights] = {}
-        self._load()
+        self._load(self._matmul_layout() if repack else None)
 
     # -- validation ----------------------------------------------------------------------------------------------
     def _check_header(self) -> None:
@@ -130,34 +134,56 @@ class ModelFile:
             out.append((key, self._by_name[name]))
         return out
 
-    def _load(self) -> None:
-        plan = {c: self._component_tensors(c) for c in self.components}
-        n = sum(len(v) for v in plan.values())
-        if n == 0:
-            return
-        self._ctx = pg.Context(lib.ggml_tensor_overhead() * (n + 1) + 4096, max_tensors=n + 1)
-        made = {}
-        for c, entries in plan.items():
-            tensors = {}
-            for key, rt in entries:
-                tensors[key] = self._ctx.new_tensor(int(rt.tensor_type), [int(x) for x in rt.shape], rt.name)
-                made[rt.name] = (tensors[key], rt)
-            self._weights[c] = Weights(c, tensors)
-        self.buffer = self.backend.alloc_tensors(self._ctx)
-        self.buffer.set_usage_weights()
-        for t, rt in made.values():
+    def _matmul_layout(self) -> pg.BufferType | None:
+        if self.backend.kind != "cpu":
+            return None
+        return next((bt for bt in self.backend.extra_buffer_types() if bt.name == "AMX"), None)
+
+    @staticmethod
+    def _in_matmul_layout(key: str, rt) -> bool:
+        k, n = (int(x) for x in rt.shape) if len(rt.shape) == 2 else (0, 0)
+        return (int(rt.tensor_type) == lib.GGML_TYPE_Q8_0 and len(rt.shape) == 2 and not GATHERED.match(key)
+                and k % _AMX_TILE == 0 and n % _AMX_TILE == 0)
+
+    def _load(self, layout: pg.BufferType | None) -> None:
+        plan = [(c, key, rt) for c in self.components for key, rt in self._component_tensors(c)]
+        fast = [layout is not None and self._in_matmul_layout(key, rt) for _, key, rt in plan]
+        n_fast = sum(fast)
+        n_plain = len(plan) - n_fast
+        if n_plain:
+            self._ctx = pg.Context(lib.ggml_tensor_overhead() * (n_plain + 1) + 4096, max_tensors=n_plain + 1)
+        if n_fast:
+            self._matmul_ctx = pg.Context(lib.ggml_tensor_overhead() * (n_fast + 1) + 4096, max_tensors=n_fast + 1)
+        tensors = {c: {} for c in self.components}
+        plain, repacked = [], []
+        for (c, key, rt), f in zip(plan, fast):
+            t = (self._matmul_ctx if f else self._ctx).new_tensor(int(rt.tensor_type), [int(x) for x in rt.shape],
+                                                                  rt.name)
             if t.nbytes != rt.n_bytes:
                 raise ValueError(f"{self.path}: tensor {rt.name!r} holds {rt.n_bytes} bytes, its shape and type "
                                  f"need {t.nbytes}")
-        if self.buffer.is_host:
-            # read straight into backend memory: one copy, and no mapped file pages adding the model's size
-            # to the process's resident memory a second time
-            with open(self.path, "rb", buffering=0) as f:
-                for t, rt in made.values():
+            tensors[c][key] = t
+            (repacked if f else plain).append((t, rt))
+        self._weights = {c: Weights(c, tensors[c]) for c in self.components}
+        if plain:
+            self.buffer = self.backend.alloc_tensors(self._ctx)
+            self.buffer.set_usage_weights()
+        if repacked:
+            self.matmul_buffer = self.backend.alloc_tensors(self._matmul_ctx, layout)
+            self.matmul_buffer.set_usage_weights()
+        with open(self.path, "rb", buffering=0) as f:
+            if self.buffer is not None and self.buffer.is_host:
+                # read straight into backend memory: one copy, and no mapped file pages adding the model's size
+                # to the process's resident memory a second time
+                for t, rt in plain:
                     self._read_into(f, rt, ffi.buffer(t.ptr.data, rt.n_bytes))
-        else:
-            for t, rt in made.values():  # device memory: one copy from the file mapping
-                lib.ggml_backend_tensor_set(t.ptr, ffi.from_buffer(rt.data), 0, rt.n_bytes)
+            else:
+                for t, rt in plain:  # device memory: one copy from the file mapping
+                    lib.ggml_backend_tensor_set(t.ptr, ffi.from_buffer(rt.data), 0, rt.n_bytes)
+            staging = bytearray(max((rt.n_bytes for _, rt in repacked), default=0))
+            for t, rt in repacked:  # the buffer converts each whole tensor to its layout as it is written
+                self._read_into(f, rt, memoryview(staging)[:rt.n_bytes])
+                lib.ggml_backend_tensor_set(t.ptr, ffi.from_buffer(staging), 0, rt.n_bytes)
 
     def _read_into(self, f, rt, dst) -> None:
         view, done = memoryview(dst), 0
@@ -212,12 +238,14 @@ class ModelFile:
     def close(self) -> None:
         """Free the backend buffer and unmap the file (weights() tensors are invalid afterwards)."""
         self._weights = {}
-        if self.buffer is not None:
-            self.buffer.free()
-            self.buffer = None
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
+        for buf in (self.buffer, self.matmul_buffer):
+            if buf is not None:
+                buf.free()
+        self.buffer = self.matmul_buffer = None
+        for ctx in (self._ctx, self._matmul_ctx):
+            if ctx is not None:
+                ctx.close()
+        self._ctx = self._matmul_ctx = None
         self._by_name = {}
         self._reader = None
 
