@@ -368,6 +368,24 @@ class Context:
         _require(a.ne[2] == 1 and a.ne[3] == 1, lambda: f"argmax: needs a matrix, got {a!r}")
         return self._wrap(lib.ggml_argmax, a)
 
+    # -- custom CPU ops ----------------------------------------------------------------------------------------
+    def custom(self, fun, args: Sequence[Tensor], ne: Sequence[int], type="f32", userdata=None,
+               n_tasks: int | None = None) -> Tensor:
+        """ggml_custom_4d: a new tensor of ``type`` and ``ne`` that the CPU backend computes by calling the C
+        function ``fun`` (a ``ggml_custom_op_t``: ``void fun(struct ggml_tensor * dst, int ith, int nth, void *
+        userdata)``) once per thread; ``args`` become dst->src[0..]. ``userdata`` (a cdata pointer) and whatever
+        it points to must outlive every compute of the graph. Other backends cannot compute custom ops."""
+        args = [_t(a, f"custom argument {i}") for i, a in enumerate(args)]
+        _require(len(args) <= lib.GGML_MAX_SRC, lambda: f"custom: at most {lib.GGML_MAX_SRC} arguments")
+        ne = [int(n) for n in ne] + [1] * (4 - len(ne))
+        _require(len(ne) == 4 and all(n >= 1 for n in ne), lambda: f"custom: bad shape {tuple(ne)}")
+        fn = ffi.cast("ggml_custom_op_t", fun)
+        srcs = ffi.new("struct ggml_tensor *[]", [a.ptr for a in args] or [ffi.NULL])
+        ud = ffi.NULL if userdata is None else ffi.cast("void *", userdata)
+        tasks = -1 if n_tasks is None else int(n_tasks)  # -1: GGML_N_TASKS_MAX, every thread
+        self._room()
+        return Tensor(lib.ggml_custom_4d(self._live(), int(as_type(type)), *ne, srcs, len(args), fn, tasks, ud), self)
+
     # -- linear algebra ----------------------------------------------------------------------------------------
     def mul_mat(self, a: Tensor, b: Tensor, precise: bool = False) -> Tensor:
         """a @ b in ggml's convention: result ne = (a.ne[1], b.ne[1], b.ne[2], b.ne[3]), contracting ne[0].

@@ -164,6 +164,34 @@ def test_leaky_relu_gelu_tanh_sigmoid(cpu):
     np.testing.assert_allclose(sg, 1 / (1 + np.exp(-x)), atol=1e-6)
 
 
+def test_custom_op_calls_c_function_per_thread():
+    """Context.custom (ggml_custom_4d): the function sees its arguments as dst->src and splits rows by ith/nth."""
+    from pyggml.raw import ffi
+
+    @ffi.callback("ggml_custom_op_t")
+    def twice_plus(dst, ith, nth, userdata):
+        a, b = dst.src[0], dst.src[1]
+        n, rows = dst.ne[0], dst.ne[1]
+        pa, pb, pd = (ffi.cast("float *", t.data) for t in (a, b, dst))
+        k = ffi.cast("float *", userdata)[0]
+        for r in range(ith, rows, nth):
+            for i in range(n):
+                pd[r * n + i] = k * pa[r * n + i] + pb[i]
+
+    be = pg.Backend("cpu", threads=2)
+    k = ffi.new("float *", 2.0)
+    ctx = pg.Context()
+    a = ctx.new_tensor("f32", (5, 3)).set_input()
+    b = ctx.new_tensor("f32", (5,)).set_input()
+    y = ctx.custom(twice_plus, [a, b], (5, 3), userdata=k)
+    assert y.ne == (5, 3, 1, 1) and y.op == "CUSTOM"
+    xa, xb = np.arange(15, dtype=np.float32).reshape(3, 5), np.arange(5, dtype=np.float32) * 10
+    be.compute(pg.Graph(ctx, y), {a: xa, b: xb})
+    np.testing.assert_array_equal(y.get(), 2 * xa + xb)
+    with pytest.raises(pg.ShapeError, match="bad shape"):
+        ctx.custom(twice_plus, [a], (0, 3))
+
+
 def test_timestep_embedding(cpu):
     t, dim = np.array([0.0, 1.0, 250.0, 999.0], dtype=np.float32), 16
     y = run(cpu, lambda c, a: c.timestep_embedding(a, dim), t)
