@@ -1,0 +1,123 @@
+"""tortoise_ggml.kernels (conv_time_major.c, run as ggml custom ops) against torch: the 'same' convolution with
+bias and leaky ReLU, and the location-variable convolution with the gated residual (the reference's own method).
+
+Tolerances: float32 on both sides with other summation orders (and FMA); measured max abs error ~3e-6 on outputs
+of magnitude ~9 (conv) and ~1.5e-6 (LVC, gated outputs of magnitude ~3). A wrong tap, channel, segment or border
+sample moves outputs by >1e-1.
+"""
+import numpy as np
+import pytest
+
+import pyggml as pg
+from tortoise_ggml import kernels
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="tortoise_ggml kernels library not built")
+
+VW = kernels.vector_width()
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1thread", "2threads"])
+def cpu(request):
+    return pg.Backend("cpu", threads=request.param)
+
+
+def _conv(cpu, x, w, b, dilation, slope):
+    """x (B, C_in, T), w (C_out, C_in, K) torch layouts -> ours, back in torch layout."""
+    bsz, c_in, t = x.shape
+    c_out, _, k = w.shape
+    ctx = pg.Context()
+    xt = ctx.new_tensor("f32", (c_in, t, bsz)).set_input()
+    wt = ctx.new_tensor("f32", (c_out, c_in * k)).set_input()
+    bt = ctx.new_tensor("f32", (c_out,)).set_input() if b is not None else None
+    y = kernels.conv1d(ctx, xt, wt, bt, k, dilation, dilation * (k - 1) // 2, slope)
+    feed = {xt: x.transpose(0, 2, 1), wt: w.transpose(2, 1, 0).reshape(k * c_in, c_out)}
+    if b is not None:
+        feed[bt] = b
+    cpu.compute(pg.Graph(ctx, y), feed)
+    return y.get().reshape(bsz, t, c_out).transpose(0, 2, 1)
+
+
+# channel counts the vocoder uses (16/32 in, 32/64 out at full size), a kernel-predictor-like wide output that the
+# kernel splits into channel chunks, and lengths shorter than one tile, not a multiple of it, and dilated windows
+# longer than the input
+@pytest.mark.parametrize("c_in,c_out,k,d,t,bsz,slope,bias", [
+    (32, 32, 3, 1, 1000, 1, 0.2, True),
+    (32, 32, 3, 27, 500, 2, None, True),
+    (16, 16, 3, 3, 37, 2, 0.1, True),
+    (32, 64, 3, 9, 8, 1, None, False),
+    (64, 512, 3, 1, 53, 1, None, True),
+    (100, 64, 5, 1, 7, 2, 0.2, True),
+])
+def test_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, slope, bias):
+    if c_out % VW:
+        pytest.skip(f"{c_out} channels: not a multiple of the vector width {VW}")
+    rng = np.random.default_rng(c_in + d + t)
+    x = rng.standard_normal((bsz, c_in, t)).astype(np.float32)
+    w = (rng.standard_normal((c_out, c_in, k)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32) if bias else None
+    ref = torch.nn.functional.conv1d(torch.from_numpy(x), torch.from_numpy(w), None if b is None else
+                                     torch.from_numpy(b), padding=d * (k - 1) // 2, dilation=d)
+    if slope is not None:
+        ref = torch.nn.functional.leaky_relu(ref, slope)
+    ref = ref.numpy()
+    got = _conv(cpu, x, w, b, d, slope)
+    assert np.abs(ref).max() > 1
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("c_in,c,hop,segments,bsz", [(32, 32, 256, 4, 1), (16, 16, 8, 5, 2), (32, 32, 64, 3, 2)])
+def test_lvc_gated_matches_reference(cpu, c_in, c, hop, segments, bsz):
+    from tortoise.models.vocoder import LVCBlock
+    if (2 * c) % VW:
+        pytest.skip(f"{2 * c} channels: not a multiple of the vector width {VW}")
+    rng = np.random.default_rng(hop)
+    k = 3
+    x = rng.standard_normal((bsz, c_in, segments * hop)).astype(np.float32)
+    kern = (rng.standard_normal((bsz, c_in, 2 * c, k, segments)) * 0.2).astype(np.float32)
+    bias = rng.standard_normal((bsz, 2 * c, segments)).astype(np.float32)
+    res = rng.standard_normal((bsz, c, segments * hop)).astype(np.float32)
+    with torch.no_grad():
+        o = LVCBlock.location_variable_convolution(None, torch.from_numpy(x), torch.from_numpy(kern),
+                                                   torch.from_numpy(bias), 1, hop)
+        ref = (torch.from_numpy(res) + torch.sigmoid(o[:, :c]) * torch.tanh(o[:, c:])).numpy()
+    ctx = pg.Context()
+    xt = ctx.new_tensor("f32", (c_in, segments * hop, bsz)).set_input()
+    kt = ctx.new_tensor("f32", (2 * c, c_in * k, segments, bsz)).set_input()
+    bt = ctx.new_tensor("f32", (2 * c, 1, segments, bsz)).set_input()
+    rt = ctx.new_tensor("f32", (c, segments * hop, bsz)).set_input()
+    y = kernels.lvc_gated(ctx, xt, kt, bt, rt, k, hop)
+    cpu.compute(pg.Graph(ctx, y), {
+        xt: x.transpose(0, 2, 1),
+        kt: kern.transpose(0, 4, 3, 1, 2).reshape(bsz, segments, k * c_in, 2 * c),  # (j, i, o), o fastest
+        bt: bias.transpose(0, 2, 1)[:, :, None, :],
+        rt: res.transpose(0, 2, 1)})
+    got = y.get().reshape(bsz, segments * hop, c).transpose(0, 2, 1)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
+
+
+def test_bad_shapes_are_python_errors():
+    ctx = pg.Context()
+    x = ctx.new_tensor("f32", (32, 100, 1))
+    with pytest.raises(pg.ShapeError, match="weight must be contiguous F32"):
+        kernels.conv1d(ctx, x, ctx.new_tensor("f32", (32, 95)), None, 3)
+    with pytest.raises(pg.ShapeError, match="input must be F32 time-major"):
+        kernels.conv1d(ctx, ctx.new_tensor("f16", (32, 100, 1)), ctx.new_tensor("f32", (32, 96)), None, 3)
+    with pytest.raises(pg.ShapeError, match="bias must be contiguous"):
+        kernels.conv1d(ctx, x, ctx.new_tensor("f32", (32, 96)), ctx.new_tensor("f32", (16,)), 3)
+    kern = ctx.new_tensor("f32", (64, 96, 4, 1))
+    bias = ctx.new_tensor("f32", (64, 1, 4, 1))
+    with pytest.raises(pg.ShapeError, match="do not cover"):
+        kernels.lvc_gated(ctx, x, kern, bias, ctx.new_tensor("f32", (32, 100, 1)), 3, 32)
+    x256 = ctx.new_tensor("f32", (32, 128, 1))
+    with pytest.raises(pg.ShapeError, match="residual must be"):
+        kernels.lvc_gated(ctx, x256, kern, bias, ctx.new_tensor("f32", (16, 128, 1)), 3, 32)
+
+
+def test_usable_only_on_cpu_and_whole_vectors():
+    class Cuda:
+        kind = "cuda"
+    cpu = pg.Backend("cpu", threads=1)
+    assert kernels.usable(cpu, VW, 2 * VW)
+    assert not kernels.usable(cpu, VW + 1)
+    assert not kernels.usable(Cuda(), VW)

@@ -1,0 +1,116 @@
+"""tortoise-ggml's fused CPU kernels (conv_time_major.c), as ggml custom ops on a pyggml Context.
+
+    from tortoise_ggml import kernels
+    if kernels.usable(backend, channels):
+        y = kernels.conv1d(ctx, x, w, b, dilation=3, pad=3, leaky_slope=0.1)
+
+The library is built with the package (CMakeLists.txt, GCC or Clang). Where it is missing, or for a backend that
+cannot run custom ops (anything but the CPU), the models build the same computation from plain ggml ops.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import cffi
+
+from pyggml import Context, ShapeError, Tensor
+from pyggml.raw import ffi as ggml_ffi
+
+_ffi = cffi.FFI()
+_ffi.cdef("""
+struct tg_conv_params { int32_t taps; int32_t dilation; int32_t pad; int32_t hop; int32_t leaky; float slope; };
+void tg_conv1d(void * dst, int ith, int nth, void * userdata);
+void tg_lvc_gated(void * dst, int ith, int nth, void * userdata);
+int tg_vector_width(void);
+""")
+
+
+def _load():
+    import tortoise_ggml
+    for d in tortoise_ggml.__path__:
+        for path in sorted(glob.glob(os.path.join(d, "libtortoise-kernels.*"))):
+            return _ffi.dlopen(path)
+    return None
+
+
+_lib = _load()
+# the params of every op made so far: custom ops keep a pointer to them, so they live as long as the module
+_params: dict[tuple, object] = {}
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def vector_width() -> int:
+    return int(_lib.tg_vector_width()) if _lib is not None else 0
+
+
+def usable(backend, *channel_counts: int) -> bool:
+    """Whether ``backend`` can run these kernels on tensors with these channel counts (multiples of the vector
+    width the library was built with)."""
+    w = vector_width()
+    return backend.kind == "cpu" and w > 0 and all(c % w == 0 for c in channel_counts)
+
+
+def _userdata(taps: int, dilation: int, pad: int, hop: int = 0, leaky_slope: float | None = None):
+    key = (taps, dilation, pad, hop, leaky_slope)
+    if key not in _params:
+        _params[key] = _ffi.new("struct tg_conv_params *", {
+            "taps": taps, "dilation": dilation, "pad": pad, "hop": hop, "leaky": leaky_slope is not None,
+            "slope": leaky_slope or 0.0})
+    return int(_ffi.cast("uintptr_t", _params[key]))
+
+
+def _fn(name: str):
+    return ggml_ffi.cast("ggml_custom_op_t", int(_ffi.cast("uintptr_t", getattr(_lib, name))))
+
+
+def _check_input(x: Tensor, c_in: int, what: str) -> None:
+    if x.type.name != "F32" or x.nb[0] != 4 or x.ne[0] != c_in or x.ne[3] != 1:
+        raise ShapeError(f"{what}: input must be F32 time-major ne ({c_in}, T, B) with adjacent channels, got {x!r}")
+
+
+def conv1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, taps: int, dilation: int = 1, pad: int = 0,
+           leaky_slope: float | None = None) -> Tensor:
+    """Stride-1 convolution of time-major x ne (C_in, T, B), zero padded by ``pad`` on the left (and whatever the
+    taps need on the right, for T outputs): ne (C_out, T, B) = leaky_relu(b + conv(x)) (no activation when
+    ``leaky_slope`` is None). w: contiguous ne (C_out, C_in*taps), element (j*C_in + i)*C_out + o."""
+    c_out, c_in = w.ne[0], x.ne[0]
+    if w.ne[1] != c_in * taps or not w.is_contiguous or w.type.name != "F32" or w.ne[2] != 1 or w.ne[3] != 1:
+        raise ShapeError(f"conv1d: weight must be contiguous F32 ne (C_out, {c_in}*{taps}) for input {x!r}, "
+                         f"got {w!r}")
+    _check_input(x, c_in, "conv1d")
+    if b is not None and (b.ne[0] != c_out or not b.is_contiguous):
+        raise ShapeError(f"conv1d: bias must be contiguous ne ({c_out},), got {b!r}")
+    args = [x, w] + ([b] if b is not None else [])
+    return ctx.custom(_fn("tg_conv1d"), args, (c_out, x.ne[1], x.ne[2]),
+                      userdata=_userdata(taps, dilation, pad, 0, leaky_slope))
+
+
+def lvc_gated(ctx: Context, x: Tensor, kernel: Tensor, bias: Tensor, residual: Tensor, taps: int, hop: int) -> Tensor:
+    """UnivNet's location-variable convolution and gated residual in one op: segment l (samples [l*hop,
+    (l+1)*hop)) of time-major x ne (C_in, L*hop, B) is convolved with kernel[l] (zero padded (taps-1)/2 at both
+    ends of the whole input), its 2C outputs split into gate g and filter f, and the result is
+    residual + sigmoid(g) * tanh(f), ne (C, L*hop, B).
+    kernel: ne (2C, C_in*taps, L, B), element (j*C_in + i)*2C + o, contiguous within each segment's kernel
+    (the L kernels may be a strided view); bias: ne (2C, 1, L, B), contiguous within each segment's."""
+    c_in, length, batch = x.ne[0], x.ne[1], x.ne[2]
+    c_out, segments = kernel.ne[0], kernel.ne[2]
+    _check_input(x, c_in, "lvc_gated")
+    if (kernel.ne[1] != c_in * taps or kernel.ne[3] != batch or c_out % 2 or kernel.type.name != "F32"
+            or kernel.nb[0] != 4 or kernel.nb[1] != 4 * c_out):
+        raise ShapeError(f"lvc_gated: kernel must be F32 ne (2C, {c_in}*{taps}, L, {batch}) with adjacent rows, "
+                         f"got {kernel!r}")
+    if segments * hop != length:
+        raise ShapeError(f"lvc_gated: {segments} kernels of hop {hop} do not cover {length} samples")
+    if bias.ne != (c_out, 1, segments, batch) or bias.nb[0] != 4 or bias.type.name != "F32":
+        raise ShapeError(f"lvc_gated: bias must be F32 ne ({c_out}, 1, {segments}, {batch}), got {bias!r}")
+    if residual.ne[:3] != (c_out // 2, length, batch) or residual.nb[0] != 4:
+        raise ShapeError(f"lvc_gated: residual must be ne ({c_out // 2}, {length}, {batch}), got {residual!r}")
+    return ctx.custom(_fn("tg_lvc_gated"), [x, kernel, bias, residual], (c_out // 2, length, batch),
+                      userdata=_userdata(taps, 1, (taps - 1) // 2, hop))
+
+
+__all__ = ["available", "usable", "vector_width", "conv1d", "lvc_gated"]
