@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pyggml as pg
+from tortoise_ggml import kernels
 from tortoise_ggml.model_file import ModelFile
 from tortoise_ggml.models.vocoder import LVCBlock, UnivNetGenerator, Windows
 
@@ -54,10 +55,17 @@ def _reference_wav(oracle, reference, mel, z):
     return oracle.vocoder_run(reference, torch.from_numpy(mel), torch.from_numpy(z)).numpy()[:, 0]
 
 
+FUSABLE = kernels.usable(pg.Backend("cpu", threads=1), 16, 32)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=pytest.mark.skipif(
+    not FUSABLE, reason="tortoise_ggml.kernels not built, or not for 16 channels")), False])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_matches_reference(oracle, model_file, vocoder, reference, batch):
-    if batch == 2:  # and two threads, which split every op
-        vocoder = UnivNetGenerator(model_file, pg.Backend("cpu", threads=2))
+def test_matches_reference(oracle, model_file, reference, batch, fused):
+    """Both ways the residual stacks run on CPU: tortoise-ggml's fused kernels, and plain ggml ops."""
+    # batch 2 with two threads, which split every op
+    vocoder = UnivNetGenerator(model_file, pg.Backend("cpu", threads=batch), fused=fused)
+    assert vocoder.fused == fused
     assert vocoder.noise_dim == oracle.CONFIGS["small"]["vocoder"]["noise_dim"]
     mel, z = _inputs(batch, FRAMES, vocoder.noise_dim, seed=batch)
     got = vocoder.inference(mel, z)
@@ -97,6 +105,13 @@ def test_location_variable_convolution(oracle, backend, dilation, hop, c_in, rul
         kt: kernel.transpose(0, 4, 2, 3, 1).reshape(b, segments, c_out, k * c_in),
         bt: bias.transpose(0, 2, 1)[:, :, None, :]})
     np.testing.assert_allclose(out.get().transpose(0, 2, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_refused_where_it_cannot_run(model_file):
+    class NotCpu:  # a backend that cannot run custom ops, as CUDA cannot
+        kind, threads = "cuda", None
+    with pytest.raises(ValueError, match="fused vocoder kernels cannot run here"):
+        UnivNetGenerator(model_file, NotCpu(), fused=True)
 
 
 def test_noise_from_seed(vocoder):

@@ -25,6 +25,7 @@ import pyggml as pg
 from pyggml import Context, Tensor
 from pyggml.raw import lib
 
+from .. import kernels as fused_kernels
 from .. import layers
 
 COMPONENT = "vocoder"
@@ -267,9 +268,7 @@ class KernelPredictor:
                             w("kernel_conv.bias", (kernel_channels,)))
         self.bias_conv = (w("bias_conv.weight", (bias_channels, hid, ks)), w("bias_conv.bias", (bias_channels,)))
 
-    def forward(self, ctx: Context, c: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """c: mel frames ne (L, cond_channels, B). Returns per conv layer the kernels ne (C_in*K, C_out, L, B)
-        (rows tap-major like ``_windows``) and the biases ne (C_out, 1, L, B)."""
+    def _hidden(self, ctx: Context, c: Tensor) -> Tensor:
         slope = self.negative_slope
         pad = (self.kpnet_conv_size - 1) // 2
         c = ctx.leaky_relu(layers.conv1d(ctx, c, *self.input_conv, padding=self.input_padding), slope)
@@ -277,6 +276,13 @@ class KernelPredictor:
             r = ctx.leaky_relu(layers.conv1d(ctx, c, w1, b1, padding=pad), slope)
             r = ctx.leaky_relu(layers.conv1d(ctx, r, w2, b2, padding=pad), slope)
             c = ctx.add(c, r)
+        return c
+
+    def forward(self, ctx: Context, c: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """c: mel frames ne (L, cond_channels, B). Returns per conv layer the kernels ne (C_in*K, C_out, L, B)
+        (rows tap-major like ``_windows``) and the biases ne (C_out, 1, L, B)."""
+        c = self._hidden(ctx, c)
+        pad = (self.kpnet_conv_size - 1) // 2
         length, batch = c.ne[0], c.ne[2]
         kw, kb = self.kernel_conv
         cols = ctx.im2col(kw, c, 1, 0, pad, 0, 1, 0, False)             # ne (hid*ks, L, B), frame-major output
@@ -300,15 +306,53 @@ class KernelPredictor:
             bias.append(ctx.reshape(ctx.add(ctx.mul_mat(bwi, cols), bbi), co, 1, length, batch))
         return kernels, bias
 
+    def prepare_lanes(self, backend: pg.Backend) -> None:
+        """The kernel and bias convolutions' weights in the fused kernels' layout (``forward_lanes``), made once:
+        rows (kpnet tap, hidden channel), columns per layer (LVC tap, C_in, C_out), C_out fastest."""
+        kw, kb = (t.get() for t in self.kernel_conv)         # (layers*C_in*C_out*K, hid, ks), (layers*C_in*C_out*K,)
+        bw, bb = (t.get() for t in self.bias_conv)           # (layers*C_out, hid, ks), (layers*C_out,)
+        ci, co, k, n = self.conv_in_channels, self.conv_out_channels, self.conv_kernel_size, self.conv_layers
+        hid, ks = kw.shape[1], kw.shape[2]
+        arrays = [
+            kw.reshape(n, ci, co, k, hid, ks).transpose(5, 4, 0, 3, 1, 2).reshape(ks * hid, n * k * ci * co),
+            kb.reshape(n, ci, co, k).transpose(0, 3, 1, 2).reshape(-1),
+            bw.transpose(2, 1, 0).reshape(ks * hid, n * co),
+            bb]
+        self._lanes_ctx = Context(max_tensors=8)
+        self.lanes = [self._lanes_ctx.new_tensor("f32", a.shape[::-1]) for a in arrays]
+        self._lanes_buffer = backend.alloc_tensors(self._lanes_ctx)
+        for t, a in zip(self.lanes, arrays):
+            t.set(np.ascontiguousarray(a, dtype=np.float32))
+
+    def forward_lanes(self, ctx: Context, c: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``forward`` for the fused kernels (after ``prepare_lanes``): the kernels as ne (C_out, C_in*K, L, B)
+        views (output channels adjacent) and the biases ne (C_out, 1, L, B), computed by one fused convolution
+        each over all layers."""
+        h = ctx.cont(ctx.transpose(self._hidden(ctx, c)))          # time-major ne (hid, L, B)
+        length, batch = h.ne[1], h.ne[2]
+        ks, pad = self.kpnet_conv_size, (self.kpnet_conv_size - 1) // 2
+        kw, kb, bw, bb = self.lanes
+        k_all = fused_kernels.conv1d(ctx, h, kw, kb, ks, 1, pad)   # ne (layers*per_layer, L, B)
+        b_all = fused_kernels.conv1d(ctx, h, bw, bb, ks, 1, pad)   # ne (layers*C_out, L, B)
+        ci, co, k = self.conv_in_channels, self.conv_out_channels, self.conv_kernel_size
+        per_layer = ci * co * k
+        kernels = [ctx.view(k_all, (co, ci * k, length, batch), (4 * co, k_all.nb[1], k_all.nb[2]),
+                            offset=4 * i * per_layer) for i in range(self.conv_layers)]
+        bias = [ctx.view(b_all, (co, 1, length, batch), (4 * co, b_all.nb[1], b_all.nb[2]), offset=4 * i * co)
+                for i in range(self.conv_layers)]
+        return kernels, bias
+
 
 class LVCBlock:
     """Upsampling by ``stride``, then location-variable convolutions with gated residuals."""
 
     def __init__(self, w: _Weights, in_channels: int, cond_channels: int, stride: int, dilations: list[int],
                  lReLU_slope: float, conv_kernel_size: int, cond_hop_length: int, kpnet_hidden_channels: int,
-                 kpnet_conv_size: int, kpnet_input_conv_size: int, backend: pg.Backend | None = None):
+                 kpnet_conv_size: int, kpnet_input_conv_size: int, backend: pg.Backend | None = None,
+                 fused: bool = False):
         self.cond_hop_length = cond_hop_length
         self.backend = backend  # the one that will compute the graphs: it decides the shape of the windows
+        self.fused = fused      # use tortoise_ggml.kernels (the caller checked they can run here)
         self.conv_layers = len(dilations)
         self.conv_kernel_size = conv_kernel_size
         self.dilations = list(dilations)
@@ -336,8 +380,10 @@ class LVCBlock:
         self.lvc_windows = rules(2 * in_channels, batched=True)
         x = conv_transpose1d_time_major(ctx, ctx.leaky_relu(x, self.slope), *self.convt_pre, stride=s,
                                         padding=s // 2 + s % 2, output_padding=s % 2, rules=self.convt_windows)
-        kernels, bias = self.kernel_predictor.forward(ctx, c)
         hop = self.cond_hop_length
+        if self.fused:
+            return self._forward_fused(ctx, x, c, order)
+        kernels, bias = self.kernel_predictor.forward(ctx, c)
         # the element-wise ops run on rows of hop samples (``_flat``): the same memory, far fewer rows
         for i, (w, b) in enumerate(self.conv_blocks):
             d = self.dilations[i]
@@ -350,6 +396,23 @@ class LVCBlock:
                                                             groups=2)          # ne (C, T, B) each
             gated = ctx.mul(ctx.sigmoid(_flat(ctx, gate, hop)), ctx.tanh(_flat(ctx, filt, hop)))
             x = _unflat(ctx, ctx.add(_flat(ctx, x, hop), gated), x)
+            if order is not None:
+                order.append(x)
+        return x
+
+    def _forward_fused(self, ctx: Context, x: Tensor, c: Tensor, order: list | None) -> Tensor:
+        """The residual stack with tortoise-ggml's fused CPU kernels (tortoise_ggml/kernels): each convolution
+        adds its bias and leaky ReLU, and the location-variable convolution its gated residual, as it goes."""
+        if getattr(self.kernel_predictor, "lanes", None) is None:
+            self.kernel_predictor.prepare_lanes(self.backend)
+        kernels, bias = self.kernel_predictor.forward_lanes(ctx, c)
+        hop, k = self.cond_hop_length, self.conv_kernel_size
+        for i, (w, b) in enumerate(self.conv_blocks):
+            d = self.dilations[i]
+            wl = ctx.reshape(ctx.cont(ctx.permute(w, 2, 1, 0, 3)), w.ne[2], w.ne[1] * w.ne[0])  # (K, C_in, C_out)
+            output = _unflat(ctx, ctx.leaky_relu(_flat(ctx, x, hop), self.slope), x)
+            output = fused_kernels.conv1d(ctx, output, wl, b, w.ne[0], d, d * (w.ne[0] - 1) // 2, self.slope)
+            x = fused_kernels.lvc_gated(ctx, output, kernels[i], bias[i], x, k, hop)
             if order is not None:
                 order.append(x)
         return x
@@ -395,7 +458,10 @@ class LVCBlock:
 class UnivNetGenerator:
     """UnivNet generator on ggml. ``UnivNetGenerator(model_file, backend)``; ``inference(mel)`` -> waveform."""
 
-    def __init__(self, model_file, backend: pg.Backend):
+    def __init__(self, model_file, backend: pg.Backend, fused: bool | None = None):
+        """``fused``: run the residual stacks with tortoise-ggml's fused CPU kernels (tortoise_ggml/kernels, 3-4x
+        faster); None (default) uses them wherever they can run (CPU backend, channel counts a multiple of their
+        vector width), False never, True insists (ValueError where they cannot run)."""
         hp = model_file.hparams(COMPONENT)
         missing = [k for k in HPARAMS if k not in hp]
         if missing:
@@ -415,6 +481,12 @@ class UnivNetGenerator:
         w = _Weights(model_file.weights(COMPONENT))
         post_k = int(hp["conv_post_kernel_size"])
 
+        can_fuse = fused_kernels.usable(backend, channel_size, 2 * channel_size)
+        if fused and not can_fuse:
+            raise ValueError(f"the fused vocoder kernels cannot run here (backend {backend.kind}, "
+                             f"{channel_size} channels, kernels {'built' if fused_kernels.available() else 'missing'}"
+                             f" with vector width {fused_kernels.vector_width()})")
+        self.fused = can_fuse if fused is None else bool(fused)
         self.res_stack = []
         hop_length = 1
         for i, stride in enumerate(self.strides):
@@ -423,7 +495,7 @@ class UnivNetGenerator:
                 w.sub(f"res_stack.{i}"), channel_size, self.mel_channel, stride=stride, dilations=dilations,
                 lReLU_slope=slope, conv_kernel_size=int(hp["conv_kernel_size"]), cond_hop_length=hop_length,
                 kpnet_hidden_channels=int(hp["kpnet_hidden_channels"]), kpnet_conv_size=kpnet_conv_size,
-                kpnet_input_conv_size=int(hp["kpnet_input_conv_size"]), backend=backend))
+                kpnet_input_conv_size=int(hp["kpnet_input_conv_size"]), backend=backend, fused=self.fused))
         self.conv_pre = (w("conv_pre.weight", (channel_size, self.noise_dim, post_k)),
                          w("conv_pre.bias", (channel_size,)))
         self.conv_post = (w("conv_post.1.weight", (1, channel_size, post_k)), w("conv_post.1.bias", (1,)))
