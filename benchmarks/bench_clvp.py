@@ -36,7 +36,7 @@ def _child(a) -> None:
         from tortoise_ggml.models.clvp import CLVP
         be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
         clvp = CLVP(ModelFile(a.gguf, be, components=["clvp"]), be, max_batch=a.max_batch)
-        out["weights_mb"] = clvp.model_file.buffer.size / 2**20
+        out["weights_mb"] = clvp.model_file.nbytes / 2**20
 
         def run(t, c):
             return clvp.forward(t, c)

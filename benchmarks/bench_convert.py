@@ -25,7 +25,7 @@ from tortoise_ggml.model_file import ModelFile
 be = pg.Backend("cpu", threads=2)
 t1 = time.perf_counter()
 mf = ModelFile(sys.argv[1], be)
-print("RESULT", time.perf_counter() - t1, mf.buffer.size)
+print("RESULT", time.perf_counter() - t1, mf.nbytes)
 """
 
 # what filling that much fresh memory costs on this machine, whatever the source: the floor for any loader

@@ -50,7 +50,7 @@ def _child(a) -> None:
         from tortoise_ggml.models.diffusion_decoder import DiffusionTts
         be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
         model = DiffusionTts(ModelFile(a.gguf, be, components=["diffusion"]), be)
-        res["weights_mb"] = model.model_file.buffer.size / 2**20
+        res["weights_mb"] = model.model_file.nbytes / 2**20
 
         def precompute():
             return model.timestep_independent(lat, cond, length)

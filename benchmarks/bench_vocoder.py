@@ -35,7 +35,7 @@ def _child(a) -> None:
         from tortoise_ggml.models.vocoder import UnivNetGenerator
         be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
         voc = UnivNetGenerator(ModelFile(a.gguf, be, components=["vocoder"]), be)
-        out["weights_mb"] = voc.model_file.buffer.size / 2**20
+        out["weights_mb"] = voc.model_file.nbytes / 2**20
 
         def run(m, zz):
             return voc.inference(m, zz)

@@ -211,6 +211,11 @@ class ModelFile:
             raise KeyError(f"{component!r} is not {known} (loaded: {', '.join(self.components)})") from None
 
     @property
+    def nbytes(self) -> int:
+        """Backend memory the loaded weights take (both layouts)."""
+        return sum(b.size for b in (self.buffer, self.matmul_buffer) if b is not None)
+
+    @property
     def tokenizer_json(self) -> str:
         return self.metadata[f"{ARCHITECTURE}.tokenizer.json"]
 

@@ -255,7 +255,7 @@ def split_and_recombine_text(text: str, desired_length: int = 200, max_length: i
         return text[p] if p < end_pos and p >= 0 else ""
 
     def commit():
-        nonlocal rv, current, split_pos
+        nonlocal current, split_pos
         rv.append(current)
         current = ""
         split_pos = []

@@ -34,7 +34,7 @@ NORMALIZE_EPS = 1e-12
 def masked_mean(ctx: Context, t: Tensor) -> Tensor:
     """Mean over positions of ne (dim, T, B) -> ne (dim, B): the reference's masked_mean under its all-true eval
     mask (sum over positions / T)."""
-    d, n, b = t.ne[0], t.ne[1], t.ne[2]
+    d, b = t.ne[0], t.ne[2]
     per_channel = ctx.cont(ctx.permute(t, 1, 0, 2, 3))              # ne (T, dim, B): ggml means run along ne[0]
     return ctx.reshape(ctx.mean(per_channel), d, b)
 
