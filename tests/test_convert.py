@@ -144,10 +144,16 @@ def test_reduced_types_only_on_matrices(small_ckpt_dir, small_gguf, small_gguf_q
     reader, tensors = read_gguf(path)
     assert field(reader, "tortoise.type") == qtype
     want_type = gguf.GGMLQuantizationType.F16 if qtype == "f16" else gguf.GGMLQuantizationType.Q8_0
-    n_reduced = 0
+    n_reduced = n_flat = 0
     for name, t in tensors.items():
         ref = as_float(exact[name])
         matrix = ref.ndim == 2 and not name.startswith("mel_norms") and "rpb" not in name
+        flat_conv = name.startswith("diff.") and ref.ndim == 3 and name.endswith(".weight") and (
+            qtype == "f16" or ref.shape[1] * ref.shape[2] % 32 == 0)
+        if flat_conv:  # diffusion kernels are stored flattened (out, in*k): matrices like any other
+            assert as_float(t).shape == (ref.shape[0], ref.shape[1] * ref.shape[2]), name
+            ref = ref.reshape(ref.shape[0], -1)
+            matrix, n_flat = True, n_flat + 1
         if not matrix:
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
             np.testing.assert_array_equal(as_float(t), ref, err_msg=name)
@@ -163,7 +169,7 @@ def test_reduced_types_only_on_matrices(small_ckpt_dir, small_gguf, small_gguf_q
             d = np.abs(ref).reshape(-1, 32).max(axis=1, keepdims=True) / 127
             err = np.abs(got - ref).reshape(-1, 32)
             assert np.all(err <= d * (0.5 + 127 * 2.0 ** -11) + 1e-7), name
-    assert n_reduced > 10
+    assert n_reduced > 10 and (n_flat > 5 or qtype == "f16")
     # the large matrices are what shrinks the file
     assert os.path.getsize(path) < 0.7 * os.path.getsize(small_gguf) or qtype == "f16"
 
@@ -172,9 +178,16 @@ def test_q8_0_falls_back_to_f16_for_rows_not_multiple_of_32():
     from tortoise_ggml.convert import _storage_type
     assert _storage_type("x.weight", (64, 64), "q8_0") == "q8_0"
     assert _storage_type("x.weight", (64, 40), "q8_0") == "f16"
-    assert _storage_type("x.weight", (64, 40, 3), "q8_0") == "f32"  # conv kernels stay F32
+    assert _storage_type("x.weight", (64, 40, 3), "q8_0") == "f32"  # conv kernels stay F32 ...
     assert _storage_type("x.bias", (64,), "f16") == "f32"
     assert _storage_type("a.relative_pos_embeddings.relative_attention_bias.weight", (32, 64), "q8_0") == "f32"
+    # ... except the diffusion decoder's, stored flattened where the rows suit the type
+    from tortoise_ggml.convert import _stored_shape
+    assert _stored_shape("x.weight", (64, 32, 3), "diffusion", "q8_0") == (64, 96)
+    assert _stored_shape("x.weight", (64, 100, 3), "diffusion", "q8_0") == (64, 100, 3)   # 300: not q8_0 rows
+    assert _stored_shape("x.weight", (64, 100, 3), "diffusion", "f16") == (64, 300)
+    assert _stored_shape("x.weight", (64, 40, 3), "diffusion", "f32") == (64, 40, 3)
+    assert _stored_shape("x.weight", (64, 40, 3), "vocoder", "q8_0") == (64, 40, 3)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Tolerances (both sides float32, ours with other summation orders; measured on th
   * timestep_independent: max abs error ~4e-6 on values up to ~10 -> ATOL_EMB 5e-5.
   * one forward step (cond / cond-free): ~1-3e-6 on outputs up to ~1.7 -> ATOL_STEP 3e-5.
   * get_conditioning: ~6e-7 on values up to ~1.2 -> ATOL_STEP.
+  * one step from an f16 / q8_0 file (weights, and for q8_0 the activations inside each product, rounded):
+    max error ~5e-4 / ~1.8e-2 of the output's peak -> 2e-3 / 5e-2; a wrong tap or channel gives O(1).
   * the whole do_spectrogram_diffusion with our noise fed to the reference: ~1.5e-4 on denormalised mels spanning
     [-11.5, 2.3]. The sampler divides by sqrt(alpha_cumprod) (x_0 = x_t/sqrt(a) - sqrt(1/a-1) eps, up to ~150x at
     the first step), so model differences grow; ATOL_MEL 2e-3 is still far below what any wrong coefficient, noise
@@ -129,6 +131,26 @@ def test_forward_step(model, reference, oracle, inputs, conditioning_free):
     assert ours.shape == (2, model.out_channels, length)
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL_STEP)
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_forward_step_reduced_types(small_ckpt_dir, small_gguf_q8, tmp_path_factory, backend, reference, oracle,
+                                    inputs, qtype):
+    """f16 / q8_0 files store the convolution kernels flattened, as matrices (q8_0 ones in the AMX layout where
+    the CPU has it): one step stays close to the reference's."""
+    from tortoise_ggml.convert import convert
+    path = small_gguf_q8 if qtype == "q8_0" else convert(
+        small_ckpt_dir, tmp_path_factory.mktemp("diff_f16") / "diff-f16.gguf", type="f16", components=["diffusion"])
+    model = DiffusionTts(ModelFile(path, backend, components=["diffusion"]), backend)
+    assert model.layers[0].resblk.out_layers[1].matrix
+    length = output_seq_len(N_CODES)
+    with torch.no_grad():
+        pre = reference.timestep_independent(T(inputs["latents"]), T(inputs["cond"]), length, False)
+    t = np.array([500, 3210])
+    ref = oracle.diffusion_step(reference, T(inputs["x"]), T(t), pre).numpy()
+    ours = model.forward(inputs["x"], t, precomputed_aligned_embeddings=pre.numpy())
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err < (2e-3 if qtype == "f16" else 5e-2)
 
 
 def test_forward_mixed_batch_is_one_step_of_each(model, inputs):

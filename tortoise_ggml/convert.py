@@ -143,9 +143,18 @@ def _storage_type(key: str, shape: tuple, wanted: str) -> str:
     return wanted
 
 
-def _stored_shape(key: str, shape: tuple) -> tuple:
+# Components whose Conv1d kernels are stored flattened, (out, in*k), in f16/q8_0 files: the diffusion decoder's
+# convolutions are most of its weights and its compute (one matrix product after im2col), so they are matrices
+# like any other. Other components' kernels are small or feed kernels that want F32 (the vocoder's).
+FLAT_CONV_COMPONENTS = ("diffusion",)
+
+
+def _stored_shape(key: str, shape: tuple, component: str = "", wanted: str = "f32") -> tuple:
     if CONV1D_TRANSPOSED.match(key):
         return shape[::-1]
+    if (wanted != "f32" and component in FLAT_CONV_COMPONENTS and len(shape) == 3 and key.endswith(".weight")
+            and (wanted != "q8_0" or shape[1] * shape[2] % Q8_0_BLOCK == 0)):
+        return (shape[0], shape[1] * shape[2])  # the same memory as torch's (out, in, k)
     return shape if shape else (1,)  # ggml has no 0-d tensors (CLVP/CVVP temperature)
 
 
@@ -167,7 +176,7 @@ def plan_component(component: str, path: str, config: dict, type: str) -> Compon
     for key, shape in shapes.items():
         if key in ignored:
             continue
-        stored = _stored_shape(key, shape)
+        stored = _stored_shape(key, shape, component, type)
         tensors.append(TensorPlan(key, tensor_name(component, key), stored, _storage_type(key, stored, type)))
     del sd
     return ComponentPlan(component, path, hparams, tensors)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from pyggml import Context, Tensor
+from pyggml import Context, ShapeError, Tensor
 
 
 def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -59,25 +59,37 @@ def group_norm(ctx: Context, x: Tensor, w: Tensor | None, b: Tensor | None, grou
 
 
 def conv1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, stride: int = 1, padding: int = 0,
-           dilation: int = 1) -> Tensor:
+           dilation: int = 1, kernel_size: int | None = None) -> Tensor:
     """torch Conv1d on channel data: x ne (T, C_in, B), w ne (K, C_in, C_out) -> ne (T_out, C_out, B).
+    A flattened weight ne (K*C_in, C_out) (how f16/q8_0 files store large kernels) needs ``kernel_size``.
 
     im2col in F32 then one matrix product: ggml_conv_1d's F16 im2col would lose precision.
     """
-    k, c_in, c_out = w.ne[0], w.ne[1], w.ne[2]
+    if kernel_size is not None and (w.ne[0], w.ne[1]) != (kernel_size, x.ne[1]):
+        # flattened: a matrix, possibly quantized and in a repacked layout
+        if (w.ne[0], w.ne[2], w.ne[3]) != (kernel_size * x.ne[1], 1, 1):
+            raise ShapeError(f"conv1d: weight {w!r} is neither (K={kernel_size}, C_in={x.ne[1]}, C_out) nor "
+                             f"flattened (K*C_in, C_out), for input {x!r}")
+        k, c_in, c_out, wm = kernel_size, x.ne[1], w.ne[1], w
+    else:
+        k, c_in, c_out, wm = w.ne[0], w.ne[1], w.ne[2], None
     if k == 1 and stride == 1 and padding == 0:
         # a 1x1 conv is a Linear over channels: no unfold needed
         xt = ctx.cont(ctx.transpose(x))                       # ne (C_in, T, B)
-        y = ctx.mul_mat(ctx.reshape(w, c_in, c_out), xt)      # ne (C_out, T, B)
+        y = linear(ctx, xt, wm if wm is not None else ctx.reshape(w, c_in, c_out))   # ne (C_out, T, B)
         y = ctx.cont(ctx.transpose(y))                        # ne (T, C_out, B)
     else:
-        cols = ctx.im2col(w, x, stride, 0, padding, 0, dilation, 0, False)    # ne (K*C_in, T_out, B)
-        wm = ctx.reshape(w if w.is_contiguous else ctx.cont(w), k * c_in, c_out)
-        if cols.ne[2] == 1:
+        # im2col takes the kernel's shape from its first operand and never reads it: a flattened weight lends
+        # a placeholder (K, C_in)
+        shape = w if wm is None else ctx.new_tensor("f32", (k, c_in)).set_input()
+        cols = ctx.im2col(shape, x, stride, 0, padding, 0, dilation, 0, False)    # ne (K*C_in, T_out, B)
+        if wm is None:
+            wm = ctx.reshape(w if w.is_contiguous else ctx.cont(w), k * c_in, c_out)
+        if cols.ne[2] == 1 and wm.type == cols.type:
             # one sample: cols^T @ W gives (T_out, C_out) directly, saving a transpose of the output
-            y = ctx.mul_mat(cols, ctx.cast(wm, "f32") if wm.type != cols.type else wm)
+            y = ctx.mul_mat(cols, wm)
         else:
-            y = ctx.cont(ctx.transpose(ctx.mul_mat(wm, cols)))
+            y = ctx.cont(ctx.transpose(linear(ctx, cols, wm)))
     if b is not None:
         y = ctx.add(y, channel_vector(ctx, b))
     return y

@@ -145,13 +145,21 @@ class Conv1d:
                  kernel_size: int, stride: int = 1, padding: int = 0):
         self.weight = weights[prefix + ".weight"]
         self.bias = weights[prefix + ".bias"]
-        if tuple(self.weight.ne[:3]) != (kernel_size, in_channels, out_channels):
+        # torch's (C_out, C_in, K), or flattened to (C_out, C_in*K) as f16/q8_0 files store it
+        if tuple(self.weight.ne[:3]) not in ((kernel_size, in_channels, out_channels),
+                                             (kernel_size * in_channels, out_channels, 1)):
             raise ValueError(f"{prefix}.weight {self.weight!r} is not a Conv1d({in_channels}, {out_channels}, "
                              f"{kernel_size}) weight")
-        self.stride, self.padding = stride, padding
+        self.in_channels, self.kernel_size, self.stride, self.padding = in_channels, kernel_size, stride, padding
+
+    @property
+    def matrix(self) -> bool:
+        """Whether the kernel is stored flattened (a matrix, possibly quantized)."""
+        return self.weight.ne[:2] != (self.kernel_size, self.in_channels)
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
-        return layers.conv1d(ctx, x, self.weight, self.bias, self.stride, self.padding)
+        return layers.conv1d(ctx, x, self.weight, self.bias, self.stride, self.padding,
+                             kernel_size=self.kernel_size)
 
 
 class Linear:
@@ -231,7 +239,7 @@ class AttentionBlock:
     def _conv1x1(ctx: Context, conv: Conv1d, x: Tensor) -> Tensor:
         """A 1x1 Conv1d on sequence data ne (C_in, T, B) -> ne (C_out, T, B)."""
         w = conv.weight
-        return layers.linear(ctx, x, ctx.reshape(w, w.ne[1], w.ne[2]), conv.bias)
+        return layers.linear(ctx, x, w if conv.matrix else ctx.reshape(w, w.ne[1], w.ne[2]), conv.bias)
 
     def forward(self, ctx: Context, inputs: _Inputs, x: Tensor) -> Tensor:
         qkv = self._conv1x1(ctx, self.qkv, _seq(ctx, self.norm.forward(ctx, x)))
