@@ -23,12 +23,19 @@ def normalization(channels: int) -> int:
     return groups
 
 
+# tinyBLAS (ggml's fast CPU F32 products) takes row counts that are a multiple of 4 and contractions that are a
+# multiple of its vector width (16 floats at most); ggml's fallback, a dot product per output, is ~5x slower.
+# Attention with a relative position bias pads its keys to this multiple (qkv_attention_legacy).
+KEY_STEP = 16
+
+
 def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tensor | None = None) -> Tensor:
     """QKVAttentionLegacy on sequence data qkv ne (H*3*ch, T, B), laid out head-major [h][q|k|v][ch] -> ne (H*ch, T, B).
 
     The reference scales q and k by ch^-1/4 each; one ch^-1/2 on the product is the same. Without a relative position
-    bias this is fused flash attention; with one (``rel_pos``, a mask ne (T, T, H)) the bias enters the soft_max in
-    F32, since flash attention would take it only as F16.
+    bias this is fused flash attention; with one (``rel_pos``, a mask ne (T_keys, T, H)) the bias enters the soft_max
+    in F32, since flash attention would take it only as F16. A mask wider than T (-inf past T) pads the keys with
+    zeros to its width, and the values too: the same result, with products whose sizes suit tinyBLAS.
     """
     width, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
     if width % (3 * n_heads):
@@ -40,7 +47,13 @@ def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tenso
     v = ctx.view(qkv, ne, nb, 2 * ch * es)
     if rel_pos is None:
         return layers.attention(ctx, q, k, v, None, 1.0 / math.sqrt(ch))
+    pad = rel_pos.ne[0] - t
+    if pad < 0:
+        raise pg.ShapeError(f"relative position mask {rel_pos!r} is narrower than the {t} keys")
     v_t = ctx.cont(ctx.permute(v, 1, 0, 2, 3))                                 # ne (T, ch, H, B)
-    weight = ctx.soft_max_ext(ctx.mul_mat(ctx.cont(k), ctx.cont(q)), rel_pos, 1.0 / math.sqrt(ch))  # (T_k, T_q, H, B)
+    k = ctx.cont(k)
+    if pad:  # zero keys (masked to -inf) and zero values
+        v_t, k = ctx.pad(v_t, pad), ctx.pad(k, 0, pad)
+    weight = ctx.soft_max_ext(ctx.mul_mat(k, ctx.cont(q)), rel_pos, 1.0 / math.sqrt(ch))  # ne (T_keys, T_q, H, B)
     a = ctx.mul_mat(v_t, weight)                                               # ne (ch, T_q, H, B)
     return ctx.reshape(ctx.cont(ctx.permute(a, 0, 2, 1, 3)), ch * n_heads, t, b)

@@ -25,7 +25,7 @@ import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
 from .. import layers
-from .arch_util import normalization, qkv_attention_legacy
+from .arch_util import KEY_STEP, normalization, qkv_attention_legacy
 
 COMPONENT = "diffusion"
 HPARAMS = ("model_channels", "num_layers", "in_channels", "out_channels", "in_latent_channels", "in_tokens",
@@ -127,6 +127,15 @@ class _Inputs:
         self.feed[t] = array
         return t
 
+    def key_padding(self, n: int, n_keys: int) -> Tensor:
+        """F32 ne (n_keys,): 0 for the n real keys, -inf for the padding after them (a soft_max mask row)."""
+        key = ("key_padding", n, n_keys)
+        if key not in self._buckets:
+            row = np.zeros(n_keys, np.float32)
+            row[n:] = -np.inf
+            self._buckets[key] = self.add(row)
+        return self._buckets[key]
+
     def buckets(self, n: int, num_buckets: int, max_distance: int) -> Tensor:
         """I32 ne (2n-1,): relative_position_buckets(n, ...)."""
         key = (n, num_buckets, max_distance)
@@ -205,8 +214,9 @@ class RelativePositionBias:
         self.scale, self.heads = scale, heads
         self.num_buckets, self.max_distance = num_buckets, max_distance
 
-    def forward(self, ctx: Context, inputs: _Inputs, n: int) -> Tensor:
-        """The bias for n queries and keys as a soft_max mask: F32 ne (n keys, n queries, heads).
+    def forward(self, ctx: Context, inputs: _Inputs, n: int, n_keys: int | None = None) -> Tensor:
+        """The bias for n queries and keys as a soft_max mask: F32 ne (n keys, n queries, heads); with ``n_keys``
+        > n, followed by -inf for n_keys - n padding keys (ne (n_keys, n, heads)).
 
         The bias depends on key - query only, so it is gathered once per distance and then laid out as the
         (query, key) matrix without a gather per element: n copies of the per-distance row, read back with a row
@@ -216,8 +226,11 @@ class RelativePositionBias:
         per_distance = ctx.scale(ctx.cont(ctx.transpose(per_distance)), self.scale)              # ne (2n-1, H)
         rows = ctx.repeat_4d(ctx.reshape(per_distance, 2 * n - 1, 1, self.heads), 2 * n - 1, n, self.heads)
         es = rows.nb[0]
-        bias = ctx.view_strided(rows, (n, n, self.heads), ((2 * n - 2) * es, (2 * n - 1) * n * es), (n - 1) * es)
-        return ctx.cont(bias)
+        bias = ctx.cont(ctx.view_strided(rows, (n, n, self.heads), ((2 * n - 2) * es, (2 * n - 1) * n * es),
+                                         (n - 1) * es))
+        if n_keys is not None and n_keys > n:
+            bias = ctx.add(ctx.pad(bias, n_keys - n), inputs.key_padding(n, n_keys))
+        return bias
 
 
 class AttentionBlock:
@@ -243,7 +256,8 @@ class AttentionBlock:
 
     def forward(self, ctx: Context, inputs: _Inputs, x: Tensor) -> Tensor:
         qkv = self._conv1x1(ctx, self.qkv, _seq(ctx, self.norm.forward(ctx, x)))
-        rel_pos = self.relative_pos_embeddings.forward(ctx, inputs, x.ne[0])
+        t = x.ne[0]
+        rel_pos = self.relative_pos_embeddings.forward(ctx, inputs, t, t + -t % KEY_STEP)
         h = self._conv1x1(ctx, self.proj_out, qkv_attention_legacy(ctx, qkv, self.num_heads, rel_pos))
         return ctx.add(x, _seq(ctx, h))
 
