@@ -121,3 +121,34 @@ def test_usable_only_on_cpu_and_whole_vectors():
     assert kernels.usable(cpu, VW, 2 * VW)
     assert not kernels.usable(cpu, VW + 1)
     assert not kernels.usable(Cuda(), VW)
+
+
+@pytest.mark.parametrize("rows,heads,d,n", [(1, 16, 64, 40), (3, 4, 32, 17), (16, 2, 64, 5)])
+def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n):
+    """One query per row and head over a cache view (heads side by side per position, as KVCache lays them out),
+    positions masked out anywhere (not only past the end), more threads than rows (head groups)."""
+    if d % VW:
+        pytest.skip(f"head size {d}: not a multiple of the vector width {VW}")
+    rng = np.random.default_rng(rows + n)
+    e, cap = heads * d, n + 7
+    kc = rng.standard_normal((rows, cap, e)).astype(np.float32)
+    vc = rng.standard_normal((rows, cap, e)).astype(np.float32)
+    q = rng.standard_normal((rows, heads, 1, d)).astype(np.float32)
+    mask = np.full((1, cap), -np.inf, np.float16)
+    mask[0, :n] = 0
+    mask[0, n // 2] = -np.inf
+    mask[0, 1] = -0.5
+    ctx = pg.Context()
+    kt, vt = (ctx.new_tensor("f32", (e, cap, rows)).set_input() for _ in range(2))
+    qt = ctx.new_tensor("f32", (d, 1, heads, rows)).set_input()
+    mt = ctx.new_tensor("f16", (cap, 1)).set_input()
+    view = lambda t: ctx.view(t, (d, cap, heads, rows), (e * 4, d * 4, e * cap * 4))
+    y = kernels.attend_cache(ctx, qt, view(kt), view(vt), mt, 0.125)
+    cpu.compute(pg.Graph(ctx, y), {kt: kc, vt: vc, qt: q, mt: mask})
+    got = y.get().reshape(rows, heads, d)
+    k4 = kc.reshape(rows, cap, heads, d).transpose(0, 2, 1, 3)            # (rows, heads, cap, d)
+    v4 = vc.reshape(rows, cap, heads, d).transpose(0, 2, 1, 3)
+    s = np.einsum("rhd,rhcd->rhc", q[:, :, 0].astype(np.float64), k4) * 0.125 + mask[0].astype(np.float64)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("rhc,rhcd->rhd", p / p.sum(-1, keepdims=True), v4)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)

@@ -1,4 +1,4 @@
-"""tortoise-ggml's fused CPU kernels (conv_time_major.c), as ggml custom ops on a pyggml Context.
+"""tortoise-ggml's fused CPU kernels (conv_time_major.c, attend_cache.c), as ggml custom ops on a pyggml Context.
 
     from tortoise_ggml import kernels
     if kernels.usable(backend, channels):
@@ -22,6 +22,8 @@ _ffi.cdef("""
 struct tg_conv_params { int32_t taps; int32_t dilation; int32_t pad; int32_t hop; int32_t leaky; float slope; };
 void tg_conv1d(void * dst, int ith, int nth, void * userdata);
 void tg_lvc_gated(void * dst, int ith, int nth, void * userdata);
+struct tg_attend_params { float scale; };
+void tg_attend_cache(void * dst, int ith, int nth, void * userdata);
 int tg_vector_width(void);
 """)
 
@@ -113,4 +115,26 @@ def lvc_gated(ctx: Context, x: Tensor, kernel: Tensor, bias: Tensor, residual: T
                       userdata=_userdata(taps, 1, (taps - 1) // 2, hop))
 
 
-__all__ = ["available", "usable", "vector_width", "conv1d", "lvc_gated"]
+def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One decode step's attention: softmax(scale q.k + mask) v for q ne (D, 1, H, R) over the cached keys and
+    values k, v ne (D, N, H, R) (F32 views of a KV cache; rows of D floats contiguous), mask F16 ne (N, 1) shared
+    by all rows and heads (0 to attend, -inf to skip). Returns ne (D, H, 1, R), as ggml_flash_attn_ext."""
+    d, tq, h, r = q.ne
+    w = vector_width()
+    if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or d % w or d // w > 16:
+        raise ShapeError(f"attend_cache: q must be F32 ne (D, 1, H, R) with D a multiple of {w} (at most "
+                         f"{16 * w}), got {q!r}")
+    for name, t in (("k", k), ("v", v)):
+        if t.type.name != "F32" or t.nb[0] != 4 or (t.ne[0], t.ne[2], t.ne[3]) != (d, h, r):
+            raise ShapeError(f"attend_cache: {name} must be F32 ne ({d}, N, {h}, {r}), got {t!r}")
+    if k.ne[1] != v.ne[1] or mask.type.name != "F16" or mask.ne != (k.ne[1], 1, 1, 1) or not mask.is_contiguous:
+        raise ShapeError(f"attend_cache: mask must be F16 ne ({k.ne[1]}, 1) for keys {k!r} and values {v!r}, "
+                         f"got {mask!r}")
+    key = ("attend", float(scale))
+    if key not in _params:
+        _params[key] = _ffi.new("struct tg_attend_params *", {"scale": scale})
+    return ctx.custom(_fn("tg_attend_cache"), [q, k, v, mask], (d, h, 1, r),
+                      userdata=int(_ffi.cast("uintptr_t", _params[key])))
+
+
+__all__ = ["available", "usable", "vector_width", "conv1d", "lvc_gated", "attend_cache"]
