@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pyggml as pg
+from tortoise_ggml import kernels
 from tortoise_ggml.model_file import ModelFile
 from tortoise_ggml.models.autoregressive import UnifiedVoice
 
@@ -155,10 +156,18 @@ def our_steps(uv, inputs, codes, mel_positions, batch):
     return logits
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["attend_cache_kernel", "flash_attn"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_decode_original_positions_match_reference_cache(oracle, uv, ref, inputs, batch):
+def test_decode_original_positions_match_reference_cache(oracle, model_file, backend, ref, inputs, batch, fused):
+    """Decode steps attend with tortoise-ggml's CPU kernel where it runs, else ggml's flash attention: both."""
+    uv = UnifiedVoice.from_model_file(model_file, backend)
+    uv.inference_model.fused_attention = fused
     codes, expected = ref_cached_steps(oracle, ref, inputs, batch)
     ours = our_steps(uv, inputs, codes, "original", batch)
+    step_graph = uv.inference_model._step
+    assert step_graph.fused == (fused and uv.gpt.fused_attention_usable(backend, uv.inference_model.cache))
+    if fused and kernels.available():
+        assert step_graph.fused
     for step, (a, b) in enumerate(zip(ours, expected)):
         assert max_err(a, b) <= F32_TOL, f"step {step}"
 

@@ -193,6 +193,8 @@ class GPT2InferenceModel:
         self.final_norm = norm
         self.lm_head = linear
         self.kv_cache_type = kv_cache_type
+        # decode steps attend with tortoise-ggml's CPU kernel where it can run (False: ggml's flash attention)
+        self.fused_attention = True
         self.cached_mel_emb: np.ndarray | None = None
         self.cache: KVCache | None = None
         self._step = None
@@ -278,7 +280,8 @@ class _DecodeStep:
         self.mask = ctx.new_tensor("f16", (cache.capacity, 1)).set_input()
         tok = model.embeddings(ctx, self.tokens)                                   # ne (d, N, 1)
         emb = ctx.add(ctx.reshape(tok, tok.ne[0], 1, cache.n_rows), model.text_pos_embedding.emb(ctx, self.position))
-        hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True)
+        self.fused = model.fused_attention and gpt.fused_attention_usable(model.backend, cache)
+        hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True, fused=self.fused)
         self.logits = model._lm_head(ctx, hidden)                                  # ne (vocab, 1, N)
         self.graph = Graph(ctx, self.logits)
         self.allocator = pg.GraphAllocator(model.backend)

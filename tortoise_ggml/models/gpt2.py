@@ -11,7 +11,7 @@ from typing import Mapping
 
 from pyggml import Context, Tensor
 
-from .. import layers
+from .. import kernels, layers
 from .kv_cache import KVCache
 
 
@@ -68,6 +68,9 @@ class GPT2Attention:
                                                   self._split(ctx, qkv, 2, heads=False), layer_past.slots)
             if layer_past.attend_cache:
                 key, value = k_all, v_all
+                if layer_past.fused:  # one query per row: tortoise-ggml's CPU kernel reads the cache in order
+                    out = kernels.attend_cache(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
+                    return self.c_proj(ctx, ctx.reshape(out, self.n_embd, 1, out.ne[3]))
             else:
                 layer_past.writes += [k_all, v_all]
         attn_output = layers.attention(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
@@ -104,8 +107,10 @@ class LayerPast:
     queries read the cache (decode) or only fill it (prefill; the writes are collected in ``writes`` so the caller
     can make them graph outputs)."""
 
-    def __init__(self, cache: KVCache, layer: int, slots: Tensor, attend_cache: bool, writes: list):
+    def __init__(self, cache: KVCache, layer: int, slots: Tensor, attend_cache: bool, writes: list,
+                 fused: bool = False):
         self.cache, self.layer, self.slots, self.attend_cache, self.writes = cache, layer, slots, attend_cache, writes
+        self.fused = fused  # attend with tortoise_ggml.kernels.attend_cache (the caller checked it can run)
 
 
 class GPT2Model:
@@ -116,15 +121,24 @@ class GPT2Model:
         self.ln_f = LayerNorm(weights, prefix + ".ln_f", layer_norm_epsilon)
 
     def blocks(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor, cache: KVCache | None = None,
-               slots: Tensor | None = None, attend_cache: bool = False, writes: list | None = None) -> Tensor:
-        """The transformer stack before ln_f (callers that need only some positions apply ln_f to those)."""
+               slots: Tensor | None = None, attend_cache: bool = False, writes: list | None = None,
+               fused: bool = False) -> Tensor:
+        """The transformer stack before ln_f (callers that need only some positions apply ln_f to those).
+        ``fused``: decode attention with tortoise_ggml.kernels.attend_cache (see ``fused_attention_usable``)."""
         if inputs_embeds.ne[0] != self.n_embd:
             raise ValueError(f"inputs_embeds {inputs_embeds!r} must have ne[0] = n_embd = {self.n_embd}")
         hidden_states = inputs_embeds
         for i, block in enumerate(self.h):
-            past = None if cache is None else LayerPast(cache, i, slots, attend_cache, writes)
+            past = None if cache is None else LayerPast(cache, i, slots, attend_cache, writes, fused)
             hidden_states = block.forward(ctx, hidden_states, mask, past)
         return hidden_states
+
+    def fused_attention_usable(self, backend, cache: KVCache) -> bool:
+        """Whether decode steps on ``backend`` over ``cache`` can attend with the fused CPU kernel (F32 cache,
+        head size a multiple of its vector width)."""
+        head_dim = self.n_embd // self.n_head
+        return (cache.type == "f32" and kernels.usable(backend, head_dim)
+                and head_dim // kernels.vector_width() <= 16 and self.n_head <= 64)
 
     def forward(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor) -> Tensor:
         """last_hidden_state of GPT2Model(inputs_embeds=...) without a cache."""
