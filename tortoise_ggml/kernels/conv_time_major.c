@@ -127,7 +127,10 @@ static float * scratch(const struct ggml_tensor * x, const struct tg_conv_params
     const size_t sums = (size_t) nt * c_out;
     const size_t window = (size_t) (nt + (int64_t) (p->taps - 1) * p->dilation) * x->ne[0];
     float * buf = (float *) malloc((sums + window) * sizeof(float));
-    *local = buf ? buf + sums : NULL;
+    if (!buf) {
+        abort();  // a few KB: nothing sensible is left to do
+    }
+    *local = buf + sums;
     return buf;
 }
 
@@ -159,9 +162,6 @@ void tg_conv1d(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t u0 = units * ith / nth, u1 = units * (ith + 1) / nth;
     float * local;
     float * sums = scratch(x, p, c_out, &local);
-    if (!sums) {
-        abort();
-    }
     for (int64_t u = u0; u < u1; u++) {
         const int64_t b = u / (tiles * chunks);
         const int o0 = (int) ((u / tiles) % chunks) * chunk, o1 = o0 + chunk;
@@ -200,9 +200,6 @@ void tg_lvc_gated(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t u0 = units * ith / nth, u1 = units * (ith + 1) / nth;
     float * local;
     float * sums = scratch(x, p, c_out, &local);
-    if (!sums) {
-        abort();
-    }
     for (int64_t u = u0; u < u1; u++) {
         const int64_t b = u / (per_segment * segments);
         const int64_t l = (u / per_segment) % segments;
