@@ -152,3 +152,25 @@ def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n):
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("rhc,rhcd->rhd", p / p.sum(-1, keepdims=True), v4)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("n,pad,heads,batch", [(87, 9, 4, 2), (16, 0, 2, 1), (5, 11, 3, 1)])
+def test_relpos_softmax_matches_masked_softmax(cpu, n, pad, heads, batch):
+    """Softmax over n keys of scale * scores + table[j - i + n - 1, h], zeros for the padding keys after them."""
+    rng = np.random.default_rng(n)
+    k = n + pad
+    scores = rng.standard_normal((batch, heads, n, k)).astype(np.float32) * 3
+    table = rng.standard_normal((heads, 2 * n - 1)).astype(np.float32)
+    ctx = pg.Context()
+    st = ctx.new_tensor("f32", (k, n, heads, batch)).set_input()
+    tt = ctx.new_tensor("f32", (2 * n - 1, heads)).set_input()
+    y = kernels.relpos_softmax(ctx, st, tt, n, 0.125)
+    cpu.compute(pg.Graph(ctx, y), {st: scores, tt: table})
+    got = y.get().reshape(batch, heads, n, k)
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    logits = scores[..., :n].astype(np.float64) * 0.125 + table[:, j - i + n - 1][None]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(got[..., :n], p / p.sum(-1, keepdims=True), rtol=0, atol=1e-6)
+    assert not got[..., n:].any()
+    with pytest.raises(pg.ShapeError, match="table must be"):
+        kernels.relpos_softmax(ctx, st, ctx.new_tensor("f32", (2 * n, heads)), n, 0.125)

@@ -1,4 +1,5 @@
-"""tortoise-ggml's fused CPU kernels (conv_time_major.c, attend_cache.c), as ggml custom ops on a pyggml Context.
+"""tortoise-ggml's fused CPU kernels (conv_time_major.c, attend_cache.c, relpos_softmax.c), as ggml custom ops on a
+pyggml Context.
 
     from tortoise_ggml import kernels
     if kernels.usable(backend, channels):
@@ -24,6 +25,8 @@ void tg_conv1d(void * dst, int ith, int nth, void * userdata);
 void tg_lvc_gated(void * dst, int ith, int nth, void * userdata);
 struct tg_attend_params { float scale; };
 void tg_attend_cache(void * dst, int ith, int nth, void * userdata);
+struct tg_relpos_params { float scale; int32_t n; };
+void tg_relpos_softmax(void * dst, int ith, int nth, void * userdata);
 int tg_vector_width(void);
 """)
 
@@ -137,4 +140,21 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
                       userdata=int(_ffi.cast("uintptr_t", _params[key])))
 
 
-__all__ = ["available", "usable", "vector_width", "conv1d", "lvc_gated", "attend_cache"]
+def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: float) -> Tensor:
+    """Attention weights softmax(scale * scores + relative position bias) over the first n keys, 0 for the keys
+    after them (padding): scores F32 contiguous ne (K >= n keys, n queries, H, B); table F32 contiguous
+    ne (2n-1, H), the bias of key j for query i being table[j - i + n - 1, h] (RelativePositionBias.per_distance).
+    The same as soft_max_ext with RelativePositionBias.forward's mask, without building the mask."""
+    nk, nq, h, _ = scores.ne
+    if scores.type.name != "F32" or not scores.is_contiguous or nq != n or nk < n:
+        raise ShapeError(f"relpos_softmax: scores must be contiguous F32 ne (K >= {n}, {n}, H, B), got {scores!r}")
+    if table.type.name != "F32" or not table.is_contiguous or table.ne[:3] != (2 * n - 1, h, 1):
+        raise ShapeError(f"relpos_softmax: table must be contiguous F32 ne ({2 * n - 1}, {h}), got {table!r}")
+    key = ("relpos", float(scale), int(n))
+    if key not in _params:
+        _params[key] = _ffi.new("struct tg_relpos_params *", {"scale": scale, "n": n})
+    return ctx.custom(_fn("tg_relpos_softmax"), [scores, table], scores.ne,
+                      userdata=int(_ffi.cast("uintptr_t", _params[key])))
+
+
+__all__ = ["available", "usable", "vector_width", "conv1d", "lvc_gated", "attend_cache", "relpos_softmax"]
