@@ -119,8 +119,19 @@ def test_timestep_independent_codes(model, reference, inputs):
     np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=ATOL_EMB)
 
 
+@pytest.fixture(scope="module")
+def plain_model(small_gguf, backend):
+    """The same model with every attention softmax as plain ggml ops (no tortoise_ggml.kernels)."""
+    return DiffusionTts(ModelFile(small_gguf, backend, components=["diffusion"]), backend, fused=False)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["relpos_kernel", "ggml_soft_max"])
 @pytest.mark.parametrize("conditioning_free", [False, True])
-def test_forward_step(model, reference, oracle, inputs, conditioning_free):
+def test_forward_step(model, plain_model, reference, oracle, inputs, conditioning_free, fused):
+    if fused and not model.fused:
+        pytest.skip("tortoise_ggml.kernels not built")
+    model = model if fused else plain_model
+    assert model.fused == fused
     length = output_seq_len(N_CODES)
     with torch.no_grad():
         pre = reference.timestep_independent(T(inputs["latents"]), T(inputs["cond"]), length, False)

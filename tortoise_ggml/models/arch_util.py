@@ -6,7 +6,7 @@ import math
 import pyggml as pg
 from pyggml import Context, Tensor
 
-from .. import layers
+from .. import kernels, layers
 
 
 def normalization(channels: int) -> int:
@@ -29,13 +29,16 @@ def normalization(channels: int) -> int:
 KEY_STEP = 16
 
 
-def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tensor | None = None) -> Tensor:
+def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tensor | None = None,
+                         rel_table: Tensor | None = None) -> Tensor:
     """QKVAttentionLegacy on sequence data qkv ne (H*3*ch, T, B), laid out head-major [h][q|k|v][ch] -> ne (H*ch, T, B).
 
     The reference scales q and k by ch^-1/4 each; one ch^-1/2 on the product is the same. Without a relative position
-    bias this is fused flash attention; with one (``rel_pos``, a mask ne (T_keys, T, H)) the bias enters the soft_max
-    in F32, since flash attention would take it only as F16. A mask wider than T (-inf past T) pads the keys with
-    zeros to its width, and the values too: the same result, with products whose sizes suit tinyBLAS.
+    bias this is fused flash attention; with one the bias enters the soft_max in F32, since flash attention would
+    take it only as F16: as a mask ``rel_pos`` ne (T_keys, T, H), or as the per-distance table ``rel_table``
+    ne (2T-1, H) that tortoise-ggml's CPU kernel reads directly (kernels.relpos_softmax). Keys past T (a mask wider
+    than T, -inf there; always with the table) are zero padding, and the values too: the same result, with
+    products whose sizes suit tinyBLAS.
     """
     width, t, b = qkv.ne[0], qkv.ne[1], qkv.ne[2]
     if width % (3 * n_heads):
@@ -45,15 +48,19 @@ def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tenso
     q = ctx.view(qkv, ne, nb, 0)                                               # ne (ch, T, H, B)
     k = ctx.view(qkv, ne, nb, ch * es)
     v = ctx.view(qkv, ne, nb, 2 * ch * es)
-    if rel_pos is None:
+    if rel_pos is None and rel_table is None:
         return layers.attention(ctx, q, k, v, None, 1.0 / math.sqrt(ch))
-    pad = rel_pos.ne[0] - t
-    if pad < 0:
+    n_keys = t + -t % KEY_STEP if rel_table is not None else rel_pos.ne[0]
+    if n_keys < t:
         raise pg.ShapeError(f"relative position mask {rel_pos!r} is narrower than the {t} keys")
     v_t = ctx.cont(ctx.permute(v, 1, 0, 2, 3))                                 # ne (T, ch, H, B)
     k = ctx.cont(k)
-    if pad:  # zero keys (masked to -inf) and zero values
-        v_t, k = ctx.pad(v_t, pad), ctx.pad(k, 0, pad)
-    weight = ctx.soft_max_ext(ctx.mul_mat(k, ctx.cont(q)), rel_pos, 1.0 / math.sqrt(ch))  # ne (T_keys, T_q, H, B)
+    if n_keys > t:  # zero keys (given no weight) and zero values
+        v_t, k = ctx.pad(v_t, n_keys - t), ctx.pad(k, 0, n_keys - t)
+    scores = ctx.mul_mat(k, ctx.cont(q))                                       # ne (T_keys, T_q, H, B)
+    if rel_table is not None:
+        weight = kernels.relpos_softmax(ctx, scores, rel_table, t, 1.0 / math.sqrt(ch))
+    else:
+        weight = ctx.soft_max_ext(scores, rel_pos, 1.0 / math.sqrt(ch))
     a = ctx.mul_mat(v_t, weight)                                               # ne (ch, T_q, H, B)
     return ctx.reshape(ctx.cont(ctx.permute(a, 0, 2, 1, 3)), ch * n_heads, t, b)

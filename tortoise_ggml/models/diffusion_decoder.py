@@ -24,7 +24,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
-from .. import layers
+from .. import kernels, layers
 from .arch_util import KEY_STEP, normalization, qkv_attention_legacy
 
 COMPONENT = "diffusion"
@@ -214,6 +214,12 @@ class RelativePositionBias:
         self.scale, self.heads = scale, heads
         self.num_buckets, self.max_distance = num_buckets, max_distance
 
+    def per_distance(self, ctx: Context, inputs: _Inputs, n: int) -> Tensor:
+        """The scaled bias per key - query distance, -(n-1) .. n-1: F32 ne (2n-1, heads)."""
+        buckets = inputs.buckets(n, self.num_buckets, self.max_distance)
+        per_distance = ctx.get_rows(self.relative_attention_bias, buckets)                       # ne (H, 2n-1)
+        return ctx.scale(ctx.cont(ctx.transpose(per_distance)), self.scale)
+
     def forward(self, ctx: Context, inputs: _Inputs, n: int, n_keys: int | None = None) -> Tensor:
         """The bias for n queries and keys as a soft_max mask: F32 ne (n keys, n queries, heads); with ``n_keys``
         > n, followed by -inf for n_keys - n padding keys (ne (n_keys, n, heads)).
@@ -221,9 +227,7 @@ class RelativePositionBias:
         The bias depends on key - query only, so it is gathered once per distance and then laid out as the
         (query, key) matrix without a gather per element: n copies of the per-distance row, read back with a row
         step one float shorter than the row, start row i at distance -i (Transformer-XL's "relative shift")."""
-        buckets = inputs.buckets(n, self.num_buckets, self.max_distance)
-        per_distance = ctx.get_rows(self.relative_attention_bias, buckets)                       # ne (H, 2n-1)
-        per_distance = ctx.scale(ctx.cont(ctx.transpose(per_distance)), self.scale)              # ne (2n-1, H)
+        per_distance = self.per_distance(ctx, inputs, n)                                         # ne (2n-1, H)
         rows = ctx.repeat_4d(ctx.reshape(per_distance, 2 * n - 1, 1, self.heads), 2 * n - 1, n, self.heads)
         es = rows.nb[0]
         bias = ctx.cont(ctx.view_strided(rows, (n, n, self.heads), ((2 * n - 2) * es, (2 * n - 1) * n * es),
@@ -237,10 +241,11 @@ class AttentionBlock:
     """arch_util.AttentionBlock(channels, num_heads, relative_pos_embeddings=True) on channel data ne (T, C, B)."""
 
     def __init__(self, weights: Mapping[str, Tensor], prefix: str, channels: int, num_heads: int, num_buckets: int,
-                 max_distance: int):
+                 max_distance: int, fused: bool = False):
         if channels % num_heads:
             raise ValueError(f"{prefix}: {channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
+        self.fused = fused  # softmax with the relative position bias by tortoise_ggml.kernels (CPU)
         self.norm = GroupNorm32(weights, prefix + ".norm", channels)
         self.qkv = Conv1d(weights, prefix + ".qkv", channels, 3 * channels, 1)
         self.proj_out = Conv1d(weights, prefix + ".proj_out", channels, channels, 1)
@@ -257,8 +262,13 @@ class AttentionBlock:
     def forward(self, ctx: Context, inputs: _Inputs, x: Tensor) -> Tensor:
         qkv = self._conv1x1(ctx, self.qkv, _seq(ctx, self.norm.forward(ctx, x)))
         t = x.ne[0]
-        rel_pos = self.relative_pos_embeddings.forward(ctx, inputs, t, t + -t % KEY_STEP)
-        h = self._conv1x1(ctx, self.proj_out, qkv_attention_legacy(ctx, qkv, self.num_heads, rel_pos))
+        if self.fused:
+            table = self.relative_pos_embeddings.per_distance(ctx, inputs, t)
+            h = qkv_attention_legacy(ctx, qkv, self.num_heads, rel_table=table)
+        else:
+            h = qkv_attention_legacy(ctx, qkv, self.num_heads,
+                                     self.relative_pos_embeddings.forward(ctx, inputs, t, t + -t % KEY_STEP))
+        h = self._conv1x1(ctx, self.proj_out, h)
         return ctx.add(x, _seq(ctx, h))
 
 
@@ -301,9 +311,10 @@ class ResBlock:
 
 class DiffusionLayer:
     def __init__(self, weights: Mapping[str, Tensor], prefix: str, model_channels: int, num_heads: int,
-                 num_buckets: int, max_distance: int):
+                 num_buckets: int, max_distance: int, fused: bool = False):
         self.resblk = ResBlock(weights, prefix + ".resblk", model_channels, model_channels)
-        self.attn = AttentionBlock(weights, prefix + ".attn", model_channels, num_heads, num_buckets, max_distance)
+        self.attn = AttentionBlock(weights, prefix + ".attn", model_channels, num_heads, num_buckets, max_distance,
+                                   fused)
 
     def forward(self, ctx: Context, inputs: _Inputs, x: Tensor, time_emb: Tensor) -> Tensor:
         y = self.resblk.forward(ctx, x, time_emb)
@@ -314,7 +325,9 @@ class DiffusionTts:
     """DiffusionTts on ggml: ``DiffusionTts(model_file, backend)`` with the weights of the model file's
     ``diffusion`` component (living in ``backend``'s memory; default: the model file's backend)."""
 
-    def __init__(self, model_file, backend: pg.Backend | None = None):
+    def __init__(self, model_file, backend: pg.Backend | None = None, fused: bool | None = None):
+        """``fused``: attention softmax with the relative position bias by tortoise-ggml's CPU kernel
+        (tortoise_ggml/kernels); None (default) wherever it can run, False never, True insists."""
         hp = model_file.hparams(COMPONENT)
         missing = [k for k in HPARAMS if k not in hp]
         if missing:
@@ -329,7 +342,12 @@ class DiffusionTts:
         self.in_tokens = int(hp["in_tokens"])
         self.num_heads = heads = int(hp["num_heads"])
         self.num_layers = int(hp["num_layers"])
-        rp = (int(hp["relative_attention_num_buckets"]), int(hp["relative_attention_max_distance"]))
+        can_fuse = kernels.usable(self.backend)
+        if fused and not can_fuse:
+            raise ValueError(f"the fused attention kernel cannot run on the {self.backend.kind} backend "
+                             f"(kernels {'built' if kernels.available() else 'missing'})")
+        self.fused = can_fuse if fused is None else bool(fused)
+        rp = (int(hp["relative_attention_num_buckets"]), int(hp["relative_attention_max_distance"]), self.fused)
 
         def attention_block(prefix, channels=c):
             return AttentionBlock(w, prefix, channels, heads, *rp)
