@@ -262,8 +262,7 @@ class _Progress:
         self.bar = tqdm(total=total, desc=desc, unit="tok", leave=False)
 
     def __call__(self, n: int) -> None:
-        self.bar.n = n
-        self.bar.refresh()
+        self.bar.update(n - self.bar.n)  # redraws at most every mininterval (a forced refresh per token floods logs)
 
     def close(self) -> None:
         self.bar.close()
