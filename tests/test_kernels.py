@@ -152,6 +152,10 @@ def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n):
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("rhc,rhcd->rhd", p / p.sum(-1, keepdims=True), v4)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+    with pytest.raises(pg.ShapeError, match="at most 64 heads"):
+        many = ctx.new_tensor("f32", (d, 1, 65, 1))
+        kv = ctx.new_tensor("f32", (d, cap, 65, 1))
+        kernels.attend_cache(ctx, many, kv, kv, mt, 0.125)
 
 
 @pytest.mark.parametrize("n,pad,heads,batch", [(87, 9, 4, 2), (16, 0, 2, 1), (5, 11, 3, 1)])

@@ -124,9 +124,9 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
     by all rows and heads (0 to attend, -inf to skip). Returns ne (D, H, 1, R), as ggml_flash_attn_ext."""
     d, tq, h, r = q.ne
     w = vector_width()
-    if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or d % w or d // w > 16:
+    if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or d % w or d // w > 16 or h > 64:
         raise ShapeError(f"attend_cache: q must be F32 ne (D, 1, H, R) with D a multiple of {w} (at most "
-                         f"{16 * w}), got {q!r}")
+                         f"{16 * w}) and at most 64 heads, got {q!r}")
     for name, t in (("k", k), ("v", v)):
         if t.type.name != "F32" or t.nb[0] != 4 or (t.ne[0], t.ne[2], t.ne[3]) != (d, h, r):
             raise ShapeError(f"attend_cache: {name} must be F32 ne ({d}, N, {h}, {r}), got {t!r}")

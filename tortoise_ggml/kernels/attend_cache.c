@@ -118,7 +118,7 @@ void tg_attend_cache(struct ggml_tensor * dst, int ith, int nth, void * userdata
             }
         }
         // softmax weights (unnormalised) and their sums
-        float sums[64];
+        float sums[64];  // heads per unit: at most 64 (kernels.attend_cache checks)
         for (int h = 0; h < nh; h++) {
             float * sh = s + h * n;
             float sum = 0.0f;
