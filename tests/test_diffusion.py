@@ -164,6 +164,13 @@ def test_forward_step_reduced_types(small_ckpt_dir, small_gguf_q8, tmp_path_fact
     assert err < (2e-3 if qtype == "f16" else 5e-2)
 
 
+def test_fused_refused_where_it_cannot_run(small_gguf, backend):
+    class NotCpu:  # a backend that cannot run custom ops, as CUDA cannot
+        kind, threads = "cuda", None
+    with pytest.raises(ValueError, match="fused attention kernel cannot run on the cuda backend"):
+        DiffusionTts(ModelFile(small_gguf, backend, components=["diffusion"]), NotCpu(), fused=True)
+
+
 def test_forward_mixed_batch_is_one_step_of_each(model, inputs):
     """The sampler's batch [conditioned, conditioning-free] gives what two separate calls give (to float32 rounding:
     the matmul kernels tile a batch of 2 differently from a batch of 1, so sums are ordered differently)."""
