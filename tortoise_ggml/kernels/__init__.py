@@ -59,13 +59,33 @@ def usable(backend, *channel_counts: int) -> bool:
     return backend.kind == "cpu" and w > 0 and all(c % w == 0 for c in channel_counts)
 
 
-def _userdata(taps: int, dilation: int, pad: int, hop: int = 0, leaky_slope: float | None = None):
-    key = (taps, dilation, pad, hop, leaky_slope)
+def choose(fused: bool | None, can_run: bool, refusal: str) -> bool:
+    """A model's ``fused`` argument resolved: None means wherever the kernels can run; True where they cannot
+    raises ValueError(refusal)."""
+    if fused and not can_run:
+        raise ValueError(refusal)
+    return can_run if fused is None else bool(fused)
+
+
+def attend_cache_fits(head_dim: int, heads: int) -> bool:
+    """Whether ``attend_cache`` takes heads of this size and number (its per-thread scratch has room for 16
+    vectors per head and 64 heads)."""
+    w = vector_width()
+    return w > 0 and head_dim % w == 0 and head_dim // w <= 16 and heads <= 64
+
+
+def _userdata(struct: str, **fields) -> int:
+    """The address of a ``struct`` with these fields, made once per distinct value and kept for the module's
+    lifetime: a custom op holds on to the pointer."""
+    key = (struct, *sorted(fields.items()))
     if key not in _params:
-        _params[key] = _ffi.new("struct tg_conv_params *", {
-            "taps": taps, "dilation": dilation, "pad": pad, "hop": hop, "leaky": leaky_slope is not None,
-            "slope": leaky_slope or 0.0})
+        _params[key] = _ffi.new(f"struct {struct} *", fields)
     return int(_ffi.cast("uintptr_t", _params[key]))
+
+
+def _conv_params(taps: int, dilation: int, pad: int, hop: int = 0, leaky_slope: float | None = None) -> int:
+    return _userdata("tg_conv_params", taps=taps, dilation=dilation, pad=pad, hop=hop,
+                     leaky=leaky_slope is not None, slope=leaky_slope or 0.0)
 
 
 def _fn(name: str):
@@ -91,7 +111,7 @@ def conv1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, taps: int, dila
         raise ShapeError(f"conv1d: bias must be contiguous ne ({c_out},), got {b!r}")
     args = [x, w] + ([b] if b is not None else [])
     return ctx.custom(_fn("tg_conv1d"), args, (c_out, x.ne[1], x.ne[2]),
-                      userdata=_userdata(taps, dilation, pad, 0, leaky_slope))
+                      userdata=_conv_params(taps, dilation, pad, 0, leaky_slope))
 
 
 def lvc_gated(ctx: Context, x: Tensor, kernel: Tensor, bias: Tensor, residual: Tensor, taps: int, hop: int) -> Tensor:
@@ -115,7 +135,7 @@ def lvc_gated(ctx: Context, x: Tensor, kernel: Tensor, bias: Tensor, residual: T
     if residual.ne[:3] != (c_out // 2, length, batch) or residual.nb[0] != 4:
         raise ShapeError(f"lvc_gated: residual must be ne ({c_out // 2}, {length}, {batch}), got {residual!r}")
     return ctx.custom(_fn("tg_lvc_gated"), [x, kernel, bias, residual], (c_out // 2, length, batch),
-                      userdata=_userdata(taps, 1, (taps - 1) // 2, hop))
+                      userdata=_conv_params(taps, 1, (taps - 1) // 2, hop))
 
 
 def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -124,7 +144,7 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
     by all rows and heads (0 to attend, -inf to skip). Returns ne (D, H, 1, R), as ggml_flash_attn_ext."""
     d, tq, h, r = q.ne
     w = vector_width()
-    if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or d % w or d // w > 16 or h > 64:
+    if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or not attend_cache_fits(d, h):
         raise ShapeError(f"attend_cache: q must be F32 ne (D, 1, H, R) with D a multiple of {w} (at most "
                          f"{16 * w}) and at most 64 heads, got {q!r}")
     for name, t in (("k", k), ("v", v)):
@@ -133,11 +153,8 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
     if k.ne[1] != v.ne[1] or mask.type.name != "F16" or mask.ne != (k.ne[1], 1, 1, 1) or not mask.is_contiguous:
         raise ShapeError(f"attend_cache: mask must be F16 ne ({k.ne[1]}, 1) for keys {k!r} and values {v!r}, "
                          f"got {mask!r}")
-    key = ("attend", float(scale))
-    if key not in _params:
-        _params[key] = _ffi.new("struct tg_attend_params *", {"scale": scale})
     return ctx.custom(_fn("tg_attend_cache"), [q, k, v, mask], (d, h, 1, r),
-                      userdata=int(_ffi.cast("uintptr_t", _params[key])))
+                      userdata=_userdata("tg_attend_params", scale=float(scale)))
 
 
 def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: float) -> Tensor:
@@ -150,11 +167,9 @@ def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: f
         raise ShapeError(f"relpos_softmax: scores must be contiguous F32 ne (K >= {n}, {n}, H, B), got {scores!r}")
     if table.type.name != "F32" or not table.is_contiguous or table.ne[:3] != (2 * n - 1, h, 1):
         raise ShapeError(f"relpos_softmax: table must be contiguous F32 ne ({2 * n - 1}, {h}), got {table!r}")
-    key = ("relpos", float(scale), int(n))
-    if key not in _params:
-        _params[key] = _ffi.new("struct tg_relpos_params *", {"scale": scale, "n": n})
     return ctx.custom(_fn("tg_relpos_softmax"), [scores, table], scores.ne,
-                      userdata=int(_ffi.cast("uintptr_t", _params[key])))
+                      userdata=_userdata("tg_relpos_params", scale=float(scale), n=int(n)))
 
 
-__all__ = ["available", "usable", "vector_width", "conv1d", "lvc_gated", "attend_cache", "relpos_softmax"]
+__all__ = ["available", "usable", "vector_width", "choose", "attend_cache_fits", "conv1d", "lvc_gated", "attend_cache",
+           "relpos_softmax"]

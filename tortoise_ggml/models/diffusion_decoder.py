@@ -342,11 +342,9 @@ class DiffusionTts:
         self.in_tokens = int(hp["in_tokens"])
         self.num_heads = heads = int(hp["num_heads"])
         self.num_layers = int(hp["num_layers"])
-        can_fuse = kernels.usable(self.backend)
-        if fused and not can_fuse:
-            raise ValueError(f"the fused attention kernel cannot run on the {self.backend.kind} backend "
-                             f"(kernels {'built' if kernels.available() else 'missing'})")
-        self.fused = can_fuse if fused is None else bool(fused)
+        self.fused = kernels.choose(
+            fused, kernels.usable(self.backend), f"the fused attention kernel cannot run on the "
+            f"{self.backend.kind} backend (kernels {'built' if kernels.available() else 'missing'})")
         rp = (int(hp["relative_attention_num_buckets"]), int(hp["relative_attention_max_distance"]), self.fused)
 
         def attention_block(prefix, channels=c):

@@ -136,9 +136,8 @@ class GPT2Model:
     def fused_attention_usable(self, backend, cache: KVCache) -> bool:
         """Whether decode steps on ``backend`` over ``cache`` can attend with the fused CPU kernel (F32 cache,
         head size a multiple of its vector width)."""
-        head_dim = self.n_embd // self.n_head
-        return (cache.type == "f32" and kernels.usable(backend, head_dim)
-                and head_dim // kernels.vector_width() <= 16 and self.n_head <= 64)
+        return (cache.type == "f32" and kernels.usable(backend)
+                and kernels.attend_cache_fits(self.n_embd // self.n_head, self.n_head))
 
     def forward(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor) -> Tensor:
         """last_hidden_state of GPT2Model(inputs_embeds=...) without a cache."""

@@ -481,12 +481,11 @@ class UnivNetGenerator:
         w = _Weights(model_file.weights(COMPONENT))
         post_k = int(hp["conv_post_kernel_size"])
 
-        can_fuse = fused_kernels.usable(backend, channel_size, 2 * channel_size)
-        if fused and not can_fuse:
-            raise ValueError(f"the fused vocoder kernels cannot run here (backend {backend.kind}, "
-                             f"{channel_size} channels, kernels {'built' if fused_kernels.available() else 'missing'}"
-                             f" with vector width {fused_kernels.vector_width()})")
-        self.fused = can_fuse if fused is None else bool(fused)
+        self.fused = fused_kernels.choose(
+            fused, fused_kernels.usable(backend, channel_size, 2 * channel_size),
+            f"the fused vocoder kernels cannot run here (backend {backend.kind}, {channel_size} channels, kernels "
+            f"{'built' if fused_kernels.available() else 'missing'} with vector width "
+            f"{fused_kernels.vector_width()})")
         self.res_stack = []
         hop_length = 1
         for i, stride in enumerate(self.strides):
