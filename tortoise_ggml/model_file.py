@@ -141,9 +141,9 @@ class ModelFile:
 
     @staticmethod
     def _in_matmul_layout(key: str, rt) -> bool:
-        k, n = (int(x) for x in rt.shape) if len(rt.shape) == 2 else (0, 0)
-        return (int(rt.tensor_type) == lib.GGML_TYPE_Q8_0 and len(rt.shape) == 2 and not GATHERED.match(key)
-                and k % _AMX_TILE == 0 and n % _AMX_TILE == 0)
+        if int(rt.tensor_type) != lib.GGML_TYPE_Q8_0 or len(rt.shape) != 2 or GATHERED.match(key):
+            return False
+        return all(int(x) % _AMX_TILE == 0 for x in rt.shape)
 
     def _load(self, layout: pg.BufferType | None) -> None:
         plan = [(c, key, rt) for c in self.components for key, rt in self._component_tensors(c)]

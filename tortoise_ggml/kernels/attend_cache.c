@@ -22,14 +22,6 @@ struct tg_attend_params {
     float scale;
 };
 
-static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VW; i++) {
-        s += v[i];
-    }
-    return s;
-}
-
 static inline float half_to_float(uint16_t h) {
     // IEEE binary16 -> binary32 (the mask holds only 0 and -inf, but convert properly)
     const uint32_t sign = (uint32_t) (h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;

@@ -37,10 +37,7 @@ void tg_relpos_softmax(struct ggml_tensor * dst, int ith, int nth, void * userda
             vstore(y + k, v);
             mv = vselect(v > mv, v, mv);
         }
-        float m = -INFINITY;
-        for (int j = 0; j < VW; j++) {
-            m = mv[j] > m ? mv[j] : m;
-        }
+        float m = hmax(mv);
         for (; k < n; k++) {
             y[k] = s[k] * p->scale + bias[k];
             m = y[k] > m ? y[k] : m;
@@ -51,10 +48,7 @@ void tg_relpos_softmax(struct ggml_tensor * dst, int ith, int nth, void * userda
             vstore(y + k, e);
             sv += e;
         }
-        float sum = 0.0f;
-        for (int j = 0; j < VW; j++) {
-            sum += sv[j];
-        }
+        float sum = hsum(sv);
         for (; k < n; k++) {
             y[k] = expf(y[k] - m);
             sum += y[k];

@@ -27,6 +27,22 @@ static inline void vstore(float * p, vf v) { *(vf_u *) p = v; }
 static inline vf vsplat(float s) { return s - (vf){0}; }  // s - 0 is exact (signs of zero too): a broadcast
 static inline vf vselect(vi mask, vf a, vf b) { return (vf) ((mask & (vi) a) | (~mask & (vi) b)); }
 
+static inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++) {
+        s += v[i];
+    }
+    return s;
+}
+
+static inline float hmax(vf v) {
+    float m = v[0];
+    for (int i = 1; i < VW; i++) {
+        m = v[i] > m ? v[i] : m;
+    }
+    return m;
+}
+
 // exp with ~1 ulp error: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes' polynomial); 0 below -87.
 static inline vf v_exp(vf x) {
     const vi tiny = x < vsplat(-87.0f);

@@ -114,13 +114,13 @@ def nearest_indices(input_size: int, output_size: int) -> np.ndarray:
 
 
 class _Inputs:
-    """Graph inputs of one graph build: their tensors, the arrays to write into them, and the bucket tables shared
-    by every attention block over the same length."""
+    """Graph inputs of one graph build: their tensors, the arrays to write into them, and the tables (distance
+    buckets, key padding) shared by every attention block over the same length."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.feed: dict[Tensor, np.ndarray] = {}
-        self._buckets: dict[tuple, Tensor] = {}
+        self._tables: dict[tuple, Tensor] = {}
 
     def add(self, array: np.ndarray, type: str = "f32") -> Tensor:
         t = self.ctx.new_tensor(type, tuple(reversed(array.shape))).set_input()
@@ -130,18 +130,18 @@ class _Inputs:
     def key_padding(self, n: int, n_keys: int) -> Tensor:
         """F32 ne (n_keys,): 0 for the n real keys, -inf for the padding after them (a soft_max mask row)."""
         key = ("key_padding", n, n_keys)
-        if key not in self._buckets:
+        if key not in self._tables:
             row = np.zeros(n_keys, np.float32)
             row[n:] = -np.inf
-            self._buckets[key] = self.add(row)
-        return self._buckets[key]
+            self._tables[key] = self.add(row)
+        return self._tables[key]
 
     def buckets(self, n: int, num_buckets: int, max_distance: int) -> Tensor:
         """I32 ne (2n-1,): relative_position_buckets(n, ...)."""
         key = (n, num_buckets, max_distance)
-        if key not in self._buckets:
-            self._buckets[key] = self.add(relative_position_buckets(n, num_buckets, max_distance), "i32")
-        return self._buckets[key]
+        if key not in self._tables:
+            self._tables[key] = self.add(relative_position_buckets(n, num_buckets, max_distance), "i32")
+        return self._tables[key]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -267,6 +267,7 @@ class KernelPredictor:
         self.kernel_conv = (w("kernel_conv.weight", (kernel_channels, hid, ks)),
                             w("kernel_conv.bias", (kernel_channels,)))
         self.bias_conv = (w("bias_conv.weight", (bias_channels, hid, ks)), w("bias_conv.bias", (bias_channels,)))
+        self.lanes = None  # the two convolutions' weights for the fused kernels (prepare_lanes)
 
     def _hidden(self, ctx: Context, c: Tensor) -> Tensor:
         slope = self.negative_slope
@@ -403,7 +404,7 @@ class LVCBlock:
     def _forward_fused(self, ctx: Context, x: Tensor, c: Tensor, order: list | None) -> Tensor:
         """The residual stack with tortoise-ggml's fused CPU kernels (tortoise_ggml/kernels): each convolution
         adds its bias and leaky ReLU, and the location-variable convolution its gated residual, as it goes."""
-        if getattr(self.kernel_predictor, "lanes", None) is None:
+        if self.kernel_predictor.lanes is None:
             self.kernel_predictor.prepare_lanes(self.backend)
         kernels, bias = self.kernel_predictor.forward_lanes(ctx, c)
         hop, k = self.cond_hop_length, self.conv_kernel_size
