@@ -14,14 +14,13 @@ The random checkpoint and its GGUFs are cached under ~/.cache/tortoise-ggml/benc
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from _common import TESTS, full_size_model, peak_rss_mb
+from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child
 
 
 
@@ -31,10 +30,9 @@ def _child(a) -> None:
     codes = np.load(os.path.join(a.workdir, "codes.npy"))
     out = {}
     if a.child == "ours":
-        import pyggml as pg
         from tortoise_ggml.model_file import ModelFile
         from tortoise_ggml.models.clvp import CLVP
-        be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
+        be = child_backend(a)
         clvp = CLVP(ModelFile(a.gguf, be, components=["clvp"]), be, max_batch=a.max_batch)
         out["weights_mb"] = clvp.model_file.nbytes / 2**20
 
@@ -69,16 +67,9 @@ def _child(a) -> None:
 
 
 def _spawn(a, side, work, gguf, ckpt, tag=""):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", work, "--gguf", gguf or "",
-           "--ckpt", ckpt, "--threads", str(a.threads), "--backend", a.backend, "--repeat", str(a.repeat),
-           "--max-batch", str(a.max_batch), "--tag", tag]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        sys.exit(f"{side} {tag} failed:\n{p.stderr[-3000:]}")
-    res = json.loads(lines[-1])
-    print(f"  {side} {tag}: {res}", file=sys.stderr, flush=True)
-    return res
+    options = ["--threads", str(a.threads), "--backend", a.backend, "--repeat", str(a.repeat),
+               "--max-batch", str(a.max_batch)]
+    return run_child(__file__, side, work, gguf, ckpt, options, tag=tag)
 
 
 def main():
@@ -90,11 +81,7 @@ def main():
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-batch", type=int, default=16, help="candidates per graph (ours)")
-    ap.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    ap.add_argument("--gguf", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
-    ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    add_child_args(ap)
     a = ap.parse_args()
     if a.child:
         return _child(a)

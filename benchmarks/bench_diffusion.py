@@ -15,14 +15,13 @@ outputs (the step's: both halves). The random checkpoint and its GGUF are cached
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from _common import HERE, TESTS, full_size_model, peak_rss_mb
+from _common import HERE, TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child
 
 TIMESTEP = 500
 
@@ -45,10 +44,9 @@ def _child(a) -> None:
     length = x.shape[-1]
     res = {}
     if a.child == "ours":
-        import pyggml as pg
         from tortoise_ggml.model_file import ModelFile
         from tortoise_ggml.models.diffusion_decoder import DiffusionTts
-        be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
+        be = child_backend(a)
         model = DiffusionTts(ModelFile(a.gguf, be, components=["diffusion"]), be)
         res["weights_mb"] = model.model_file.nbytes / 2**20
 
@@ -94,10 +92,7 @@ def main():
     ap.add_argument("--type", default="f32", help="GGUF type: f32, f16 or q8_0 (weight matrices only)")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    ap.add_argument("--gguf", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    add_child_args(ap)
     a = ap.parse_args()
     if a.child:
         return _child(a)
@@ -113,15 +108,9 @@ def main():
         np.save(os.path.join(work, "latents.npy"), rng.standard_normal((1, a.codes, 1024)).astype(np.float32))
         np.save(os.path.join(work, "cond.npy"), rng.standard_normal((1, 2048)).astype(np.float32))
         np.save(os.path.join(work, "x.npy"), rng.standard_normal((1, 100, length)).astype(np.float32))
+        options = ["--threads", str(a.threads), "--backend", a.backend, "--repeat", str(a.repeat)]
         for side in ("ours", "ref"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", work, "--gguf", gguf,
-                   "--ckpt", ckpt, "--threads", str(a.threads), "--backend", a.backend, "--repeat", str(a.repeat)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-            if p.returncode != 0 or not lines:
-                sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
-            res[side] = json.loads(lines[-1])
-            print(f"  {side}: {res[side]}", file=sys.stderr, flush=True)
+            res[side] = run_child(__file__, side, work, gguf, ckpt, options)
         diff = {k: float(np.abs(np.load(os.path.join(work, f"{k}_ours.npy")).astype(np.float64)
                                 - np.load(os.path.join(work, f"{k}_ref.npy"))).max()) for k in ("pre", "step")}
         peak = {k: float(np.abs(np.load(os.path.join(work, f"{k}_ref.npy"))).max()) for k in ("pre", "step")}

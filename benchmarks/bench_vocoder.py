@@ -11,14 +11,13 @@ The random checkpoint and its GGUF are cached under ~/.cache/tortoise-ggml/bench
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from _common import TESTS, full_size_model, peak_rss_mb
+from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child
 
 SAMPLE_RATE, HOP = 24000, 256
 
@@ -30,10 +29,9 @@ def _child(a) -> None:
     warm_frames = SAMPLE_RATE // HOP
     out = {}
     if a.child == "ours":
-        import pyggml as pg
         from tortoise_ggml.model_file import ModelFile
         from tortoise_ggml.models.vocoder import UnivNetGenerator
-        be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
+        be = child_backend(a)
         voc = UnivNetGenerator(ModelFile(a.gguf, be, components=["vocoder"]), be)
         out["weights_mb"] = voc.model_file.nbytes / 2**20
 
@@ -74,10 +72,7 @@ def main():
     ap.add_argument("--type", default="f32", help="GGUF type (the vocoder's conv weights stay F32 in every type)")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    ap.add_argument("--gguf", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    add_child_args(ap)
     a = ap.parse_args()
     if a.child:
         return _child(a)
@@ -92,16 +87,9 @@ def main():
             np.save(os.path.join(work, "mel.npy"), (rng.standard_normal((1, 100, frames)) * 2 - 5).astype(np.float32))
             np.save(os.path.join(work, "z.npy"), rng.standard_normal((1, 64, frames + 10)).astype(np.float32))
             res = {}
+            options = ["--threads", str(a.threads), "--backend", a.backend, "--repeat", str(a.repeat)]
             for side in ("ours", "ref"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", work, "--gguf", gguf,
-                       "--ckpt", ckpt, "--threads", str(a.threads), "--backend", a.backend,
-                       "--repeat", str(a.repeat)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-                if p.returncode != 0 or not lines:
-                    sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
-                res[side] = json.loads(lines[-1])
-                print(f"  {seconds:g} s {side}: {res[side]}", file=sys.stderr, flush=True)
+                res[side] = run_child(__file__, side, work, gguf, ckpt, options, label=f"{seconds:g} s")
             diff = float(np.abs(np.load(os.path.join(work, "wav_ours.npy")) -
                                 np.load(os.path.join(work, "wav_ref.npy"))).max())
         rows.append((seconds, frames, res, diff))
