@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(os.path.dirname(HERE), "tests")
@@ -69,6 +70,17 @@ def run_child(script: str, side: str, work: str, gguf: str | None, ckpt: str, op
     res = json.loads(lines[-1])
     print(f"  {name}: {res}", file=sys.stderr, flush=True)
     return res
+
+
+def timed_runs(fn, repeat: int):
+    """``repeat`` calls of ``fn``: the last result, and each call's wall and process-CPU seconds."""
+    out, times, cpu = None, [], []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return out, times, cpu
 
 
 def child_backend(a):

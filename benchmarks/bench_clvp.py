@@ -16,11 +16,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child
+from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child, timed_runs
 
 
 
@@ -49,12 +48,7 @@ def _child(a) -> None:
             return oracle.clvp_scores(ref, torch.from_numpy(t), torch.from_numpy(c)).numpy()
     out["rss_loaded_mb"] = peak_rss_mb()
     run(text, codes[:2, :50])
-    times, cpu = [], []
-    for _ in range(a.repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        scores = run(text, codes)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    scores, times, cpu = timed_runs(lambda: run(text, codes), a.repeat)
     out["time_s"] = min(times)
     out["times"] = times
     out["cpu_s"] = min(cpu)

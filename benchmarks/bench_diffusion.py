@@ -17,22 +17,18 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from _common import HERE, TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child
+from _common import (HERE, TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child,
+                     timed_runs)
 
 TIMESTEP = 500
 
 
 def _fastest(fn, repeat):
-    out = fn()  # warm-up: graph build and allocation, lazy imports, caches
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
+    fn()  # warm-up: graph build and allocation, lazy imports, caches
+    out, times, _ = timed_runs(fn, repeat)
     return out, min(times)
 
 

@@ -13,11 +13,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child
+from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child, timed_runs
 
 SAMPLE_RATE, HOP = 24000, 256
 
@@ -48,12 +47,7 @@ def _child(a) -> None:
             return oracle.vocoder_run(ref, torch.from_numpy(m), torch.from_numpy(zz)).numpy()[:, 0]
     out["rss_loaded_mb"] = peak_rss_mb()
     run(mel[:, :, :warm_frames], z[:, :, :warm_frames + 10])
-    times, cpu = [], []
-    for _ in range(a.repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        wav = run(mel, z)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    wav, times, cpu = timed_runs(lambda: run(mel, z), a.repeat)
     best = int(np.argmin(times))
     out["time_s"], out["cpu_s"] = times[best], cpu[best]
     out["times"] = times
