@@ -79,7 +79,7 @@ class Reference:
 class Ours:
     def __init__(self, path: str, inp: dict, threads: int, max_new: int, kv_type: str, type: str):
         import pyggml as pg
-        from tortoise_ggml.model_file import ModelFile
+        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.autoregressive import UnifiedVoice
         self.label = f"ours {type}"
         self.be = pg.Backend("cpu", threads=threads)

@@ -29,7 +29,7 @@ def _child(a) -> None:
     codes = np.load(os.path.join(a.workdir, "codes.npy"))
     out = {}
     if a.child == "ours":
-        from tortoise_ggml.model_file import ModelFile
+        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.clvp import CLVP
         be = child_backend(a)
         clvp = CLVP(ModelFile(a.gguf, be, components=["clvp"]), be, max_batch=a.max_batch)

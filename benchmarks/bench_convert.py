@@ -21,7 +21,7 @@ LOAD_GGUF = """
 import sys, time
 t0 = time.perf_counter()
 import pyggml as pg
-from tortoise_ggml.model_file import ModelFile
+from tortoise_ggml.weights.model_file import ModelFile
 be = pg.Backend("cpu", threads=2)
 t1 = time.perf_counter()
 mf = ModelFile(sys.argv[1], be)

@@ -40,7 +40,7 @@ def _child(a) -> None:
     length = x.shape[-1]
     res = {}
     if a.child == "ours":
-        from tortoise_ggml.model_file import ModelFile
+        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.diffusion_decoder import DiffusionTts
         be = child_backend(a)
         model = DiffusionTts(ModelFile(a.gguf, be, components=["diffusion"]), be)
@@ -96,8 +96,8 @@ def main():
     ckpt, ggufs = full_size_model("diffusion", [a.type])
     gguf = ggufs[a.type]
     sys.path.insert(0, os.path.dirname(HERE))
-    from tortoise_ggml.models.diffusion_decoder import output_seq_len
-    length = output_seq_len(a.codes)
+    from tortoise_ggml.models.config import AudioConfig
+    length = AudioConfig().diffusion_frames(a.codes, 1024)  # tortoise's codes * 4 * 24000 // 22050
     rng = np.random.default_rng(0)
     res = {}
     with tempfile.TemporaryDirectory() as work:

@@ -28,7 +28,7 @@ def _child(a) -> None:
     warm_frames = SAMPLE_RATE // HOP
     out = {}
     if a.child == "ours":
-        from tortoise_ggml.model_file import ModelFile
+        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.vocoder import UnivNetGenerator
         be = child_backend(a)
         voc = UnivNetGenerator(ModelFile(a.gguf, be, components=["vocoder"]), be)

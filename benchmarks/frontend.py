@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pyggml as pg  # noqa: E402
-from tortoise_ggml import audio, text  # noqa: E402
+from tortoise_ggml.utils import audio, text  # noqa: E402
 from tortoise_ggml.convert import convert  # noqa: E402
-from tortoise_ggml.model_file import ModelFile  # noqa: E402
+from tortoise_ggml.weights.model_file import ModelFile  # noqa: E402
 from tortoise_ggml.models.random_latent_generator import RandomLatentConverter  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def main():
             mf = ModelFile(path, be)
             for comp in ("rlg_auto", "rlg_diffuser"):
                 ref = oracle.load(comp, "full", d)
-                ours = RandomLatentConverter(mf, comp)
+                ours = RandomLatentConverter(mf, component=comp)
                 noise = g.standard_normal((1, ours.channels)).astype(np.float32)
                 noise_t = torch.from_numpy(noise)
                 row(f"{comp} ({ours.channels} ch, batch 1)", lambda: ours(noise),

@@ -15,7 +15,7 @@ from .backend import (Backend, Buffer, BufferType, Device, GraphAllocator, RawBu
                       cuda_device_count, devices, version)
 from .context import Context
 from .errors import BackendUnavailable, GGMLError, OutOfContextMemory, ShapeError
-from .graph import Graph
+from .graph import CachedGraph, Graph, Inputs
 from .raw import HAS_CUDA
 from .tensor import Tensor
 from .dtypes import Type
@@ -23,5 +23,5 @@ from .dtypes import Type
 log.install()
 
 __all__ = ["Backend", "Buffer", "BufferType", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
-           "cuda_available", "cuda_device_count", "version", "commit", "Context", "Graph", "Tensor", "Type",
+           "cuda_available", "cuda_device_count", "version", "commit", "Context", "Graph", "Inputs", "CachedGraph", "Tensor", "Type",
            "GGMLError", "ShapeError", "BackendUnavailable", "OutOfContextMemory", "HAS_CUDA", "log"]

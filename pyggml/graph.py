@@ -92,3 +92,82 @@ class Graph:
             with open(path, "w") as f:
                 f.write(text)
         return text
+
+
+class Inputs:
+    """The inputs of one graph: tensors made with ``add`` (marked as inputs) and the arrays to write into them, plus
+    constant tables made once per key (``table``) and shared by every op of the graph that needs them."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.feed: dict = {}
+        self._tables: dict = {}
+
+    def add(self, array, type=None, name: str | None = None) -> Tensor:
+        """A graph input holding ``array`` (numpy order); ``type`` defaults to the array's (f32 / i32)."""
+        import numpy as np
+        array = np.asarray(array)
+        if type is None:
+            type = "i32" if array.dtype.kind in "iu" else "f16" if array.dtype == np.float16 else "f32"
+        t = self.ctx.new_tensor(type, tuple(reversed(array.shape)) or (1,), name).set_input()
+        self.feed[t] = array
+        return t
+
+    def table(self, key, make, type=None) -> Tensor:
+        """The input made from ``make()`` the first time ``key`` is asked for; the same tensor afterwards."""
+        if key not in self._tables:
+            self._tables[key] = self.add(make(), type)
+        return self._tables[key]
+
+    def set(self, t: Tensor, array) -> None:
+        """New data for an input of a graph that is computed again."""
+        if t not in self.feed:
+            raise KeyError(f"{t!r} is not an input of this graph")
+        self.feed[t] = array
+
+
+class CachedGraph:
+    """One graph kept for reuse: built when first asked for a key, computed again with new inputs while the key
+    stays the same (building and planning a large graph costs milliseconds per call), rebuilt when it changes.
+
+        graphs = CachedGraph(backend)
+        out, = graphs.compute(("step", x.shape), build, x=x)      # build(ctx, inputs) -> ({name: input}, outputs)
+
+    ``build`` may return a third item: tensors the graph computes first, in that order, without keeping them.
+    """
+
+    def __init__(self, backend, **context_sizes):
+        self.backend = backend
+        self._sizes = context_sizes  # max_tensors, graph_size of the graphs' Context
+        self._key = None
+        self._entry = None
+        self.n_nodes = 0
+
+    def compute(self, key, build, **arrays) -> list[Tensor]:
+        """The outputs of the graph for ``key`` after computing it on ``arrays`` (by the names ``build`` gave its
+        per-call inputs)."""
+        first = self._entry is None or self._key != key
+        if first:
+            self._entry = self._key = None  # free the old graph before building the next
+            ctx = Context(**self._sizes)
+            inputs = Inputs(ctx)
+            named, outputs, *first = build(ctx, inputs)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            for out in outputs:
+                out.set_output()  # else the allocator may reuse an output's memory for a later node
+            # ``first``: tensors to schedule before the outputs (their memory stays reusable)
+            graph = Graph(ctx, *(first[0] if first else ()), *outputs)
+            self._entry, self._key = (ctx, inputs, named, outputs, graph), key
+        ctx, inputs, named, outputs, graph = self._entry
+        missing = set(named) - set(arrays)
+        if missing or set(arrays) - set(named):
+            raise KeyError(f"the graph takes inputs {sorted(named)}, got {sorted(arrays)}")
+        for name, array in arrays.items():
+            inputs.set(named[name], array)
+        self.n_nodes = graph.n_nodes
+        # the per-node checks (leaf memory, backend support) run when the graph is first computed
+        self.backend.compute(graph, inputs.feed, check=first)
+        return outputs
+
+    def clear(self) -> None:
+        self._entry = self._key = None

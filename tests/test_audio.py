@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from tortoise_ggml import audio
+from tortoise_ggml.utils import audio
 
 MEL_ATOL = 3e-5
 RESAMPLE_ATOL = 1e-6
@@ -198,7 +198,7 @@ def test_bad_inputs(tmp_path, mel_norms):
 
 
 def test_mel_norms_from_model_file(small_gguf, mel_norms):
-    from tortoise_ggml.model_file import ModelFile
+    from tortoise_ggml.weights.model_file import ModelFile
     import pyggml as pg
     mf = ModelFile(str(small_gguf), pg.Backend("cpu", threads=1), components=["rlg_auto"])
     np.testing.assert_array_equal(mf.mel_norms, mel_norms)

@@ -9,7 +9,7 @@ import pytest
 
 import pyggml as pg
 from tortoise_ggml import kernels
-from tortoise_ggml.model_file import ModelFile
+from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models.autoregressive import UnifiedVoice
 
 torch = pytest.importorskip("torch")

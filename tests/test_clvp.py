@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml.model_file import ModelFile
+from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models import xtransformers as xt
+from tortoise_ggml.models.arch_util import ModuleWeights
 from tortoise_ggml.models.clvp import CLVP
 
 torch = pytest.importorskip("torch")
@@ -171,7 +172,7 @@ def test_rms_norm_and_geglu(backend):
     wt["g"].set(norm.g.detach().numpy())
     wt["proj.weight"].set(glu.proj.weight.detach().numpy())
     wt["proj.bias"].set(glu.proj.bias.detach().numpy())
-    w = xt.CheckedWeights(wt, "test")
+    w = ModuleWeights(wt, "test")
     ours_norm, ours_glu = xt.RMSNorm(w, 48), xt.GLU(w.sub("proj"), 48, 32)
     got_norm = _run(backend, lambda ctx, a: ours_norm.forward(ctx, a), [x.numpy()])
     got_glu = _run(backend, lambda ctx, a: ours_glu.forward(ctx, a), [x.numpy()])

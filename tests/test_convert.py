@@ -11,8 +11,8 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
-from tortoise_ggml import checkpoints, names  # noqa: E402
-from tortoise_ggml.checkpoints import CheckpointError  # noqa: E402
+from tortoise_ggml.weights import checkpoints, names, registry  # noqa: E402
+from tortoise_ggml.weights.checkpoints import CheckpointError  # noqa: E402
 from tortoise_ggml.convert import ConvertError, convert  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def reference_state_dict(oracle, component, ckpt_dir):
     sd = {k: v.detach().float().numpy() for k, v in m.state_dict().items()
           if not k.startswith(("inference_model.", "gpt.wte."))}  # post_init_gpt2_config's aliases
     for k in sd:
-        if checkpoints.CONV1D_TRANSPOSED.match(k):
+        if registry.REGISTRY["autoregressive"].transposed.match(k):
             sd[k] = sd[k].T
     return sd
 
@@ -58,7 +58,7 @@ def copy_dir(src, dst, only=None):
 
 def edit_checkpoint(src_dir, dst_dir, component, edit):
     """Copy the component's checkpoint into dst_dir with ``edit(state_dict)`` applied."""
-    fname = names.CHECKPOINT_FILES[component]
+    fname = registry.REGISTRY[component].checkpoint
     copy_dir(src_dir, dst_dir, only={fname})
     obj = torch.load(os.path.join(src_dir, fname))
     sd = obj["model_g"] if component == "vocoder" else obj
@@ -74,9 +74,9 @@ def test_f32_round_trip_every_tensor_exact(oracle, small_ckpt_dir, small_gguf):
     reader, tensors = read_gguf(small_gguf)
     assert field(reader, "general.architecture") == "tortoise"
     assert field(reader, "tortoise.format_version") == 1
-    assert field(reader, "tortoise.components") == list(names.COMPONENTS)
+    assert field(reader, "tortoise.components") == list(registry.COMPONENTS)
     n_model = 0
-    for c in names.COMPONENTS:
+    for c in registry.COMPONENTS:
         ref = reference_state_dict(oracle, c, small_ckpt_dir)
         keys = field(reader, f"tortoise.{c}.keys")
         assert sorted(keys) == sorted(ref), c  # nothing dropped, nothing extra (legacy GPT-2 buffers gone)
@@ -101,7 +101,7 @@ def test_legacy_gpt2_buffers_present_in_checkpoint_and_dropped(small_ckpt_dir, s
 
 def test_hparams_match_the_constructor_arguments(oracle, small_gguf):
     reader, _ = read_gguf(small_gguf)
-    for c in names.COMPONENTS:
+    for c in registry.COMPONENTS:
         cfg = oracle.CONFIGS["small"][c]
         for k, v in cfg.items():
             key = f"tortoise.{c}.{k}"
@@ -175,14 +175,16 @@ def test_reduced_types_only_on_matrices(small_ckpt_dir, small_gguf, small_gguf_q
 
 
 def test_q8_0_falls_back_to_f16_for_rows_not_multiple_of_32():
-    from tortoise_ggml.convert import _storage_type
+    from tortoise_ggml.weights.registry import REGISTRY
+    _storage_type = REGISTRY["diffusion"].storage_type
     assert _storage_type("x.weight", (64, 64), "q8_0") == "q8_0"
     assert _storage_type("x.weight", (64, 40), "q8_0") == "f16"
     assert _storage_type("x.weight", (64, 40, 3), "q8_0") == "f32"  # conv kernels stay F32 ...
     assert _storage_type("x.bias", (64,), "f16") == "f32"
     assert _storage_type("a.relative_pos_embeddings.relative_attention_bias.weight", (32, 64), "q8_0") == "f32"
     # ... except the diffusion decoder's, stored flattened where the rows suit the type
-    from tortoise_ggml.convert import _stored_shape
+    def _stored_shape(key, shape, component, wanted):
+        return REGISTRY[component].stored_shape(key, shape, wanted)
     assert _stored_shape("x.weight", (64, 32, 3), "diffusion", "q8_0") == (64, 96)
     assert _stored_shape("x.weight", (64, 100, 3), "diffusion", "q8_0") == (64, 100, 3)   # 300: not q8_0 rows
     assert _stored_shape("x.weight", (64, 100, 3), "diffusion", "f16") == (64, 300)
@@ -212,19 +214,19 @@ def full_shapes(oracle):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {c: meta_state_shapes(oracle, c, "full") for c in names.COMPONENTS}
+        return {c: meta_state_shapes(oracle, c, "full") for c in registry.COMPONENTS}
 
 
 def test_full_size_key_tables_and_hparams(oracle, full_shapes):
     """No config.json: every full-size hyperparameter must come out of the shapes / api.py defaults."""
     for c, shapes in full_shapes.items():
-        hp, ignored = checkpoints.validate(c, shapes, f"full/{c}")
+        hp, ignored = registry.component(c).validate(shapes, f"full/{c}")
         assert not ignored
         for k, v in oracle.CONFIGS["full"][c].items():
             if k in hp:
                 assert hp[k] == v, (c, k)
-    assert checkpoints.validate("autoregressive", full_shapes["autoregressive"], "x")[0]["heads"] == 16
-    voc = checkpoints.validate("vocoder", full_shapes["vocoder"], "x")[0]
+    assert registry.component("autoregressive").validate(full_shapes["autoregressive"], "x")[0]["heads"] == 16
+    voc = registry.component("vocoder").validate(full_shapes["vocoder"], "x")[0]
     assert (voc["noise_dim"], voc["channel_size"], voc["dilations"], voc["strides"]) == (64, 32, [1, 3, 9, 27],
                                                                                         [8, 8, 4])
 
@@ -235,7 +237,7 @@ def test_gathered_keys_are_exactly_the_embedding_tables(oracle):
     import warnings
     classes = {"autoregressive": oracle.UnifiedVoice, "diffusion": oracle.DiffusionTts, "clvp": oracle.CLVP,
                "cvvp": oracle.CVVP, "vocoder": oracle.UnivNetGenerator}
-    for c in names.COMPONENTS:
+    for c in registry.COMPONENTS:
         cfg = oracle.CONFIGS["full"][c]
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -243,7 +245,7 @@ def test_gathered_keys_are_exactly_the_embedding_tables(oracle):
         tables = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Embedding)}
         keys = set(m.state_dict())
         assert tables <= keys, c
-        assert {k for k in keys if checkpoints.GATHERED.match(k)} == tables, c
+        assert {k for k in keys if registry.GATHERED.match(k)} == tables, c
 
 
 def test_tensor_names_fit_and_are_injective_at_full_size(full_shapes):
@@ -353,7 +355,7 @@ def test_bad_options(small_ckpt_dir, tmp_path):
 
 
 def test_missing_mel_norms(small_ckpt_dir, tmp_path, monkeypatch):
-    import tortoise_ggml.convert as cv
+    import tortoise_ggml.weights.convert as cv
     monkeypatch.setattr(cv, "_tortoise_data_dir", lambda: None)
     d = copy_dir(small_ckpt_dir, tmp_path / "m", only={"rlg_auto.pth"})
     (d / "tokenizer.json").write_text("{}")

@@ -20,10 +20,17 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml import diffusion as D
-from tortoise_ggml.model_file import ModelFile
-from tortoise_ggml.models.diffusion_decoder import (DiffusionTts, nearest_indices, output_seq_len,
-                                                    relative_position_buckets)
+from tortoise_ggml.utils import diffusion as D
+from tortoise_ggml.weights.model_file import ModelFile
+from tortoise_ggml import api
+from tortoise_ggml.models.config import AudioConfig
+from tortoise_ggml.models.diffusion_decoder import DiffusionTts, nearest_indices
+from tortoise_ggml.models.xtransformers import relative_position_buckets
+
+
+def output_seq_len(n_codes: int) -> int:
+    """tortoise/api.py's n * 4 * 24000 // 22050, from the defaults of the file's audio config."""
+    return AudioConfig().diffusion_frames(n_codes, 1024)
 
 torch = pytest.importorskip("torch")
 
@@ -227,7 +234,7 @@ def test_bad_inputs_raise(model, inputs):
 def test_spaced_schedule_matches_reference(steps):
     from tortoise.api import load_discrete_vocoder_diffuser
     ref = load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=True, cond_free_k=2)
-    ours = D.load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=True, cond_free_k=2)
+    ours = api.load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=True, cond_free_k=2)
     assert ours.timestep_map == ref.timestep_map and ours.num_timesteps == ref.num_timesteps == steps
     for name in ("betas", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
                  "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):
@@ -258,9 +265,9 @@ def _reference_sample(monkeypatch, reference, latents, cond, steps, cond_free, t
 @pytest.mark.parametrize("steps,cond_free,temperature", [(4, True, 1.0), (3, False, 0.8)])
 def test_do_spectrogram_diffusion(model, reference, inputs, monkeypatch, steps, cond_free, temperature):
     latents, cond = inputs["latents"][:1, :30], inputs["cond"][:1]
-    diffuser = D.load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=cond_free, cond_free_k=2)
+    diffuser = api.load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=cond_free, cond_free_k=2)
     seen = []
-    ours = D.do_spectrogram_diffusion(model, diffuser, latents, cond, temperature=temperature, rng=11,
+    ours = api.do_spectrogram_diffusion(model, diffuser, latents, cond, temperature=temperature, rng=11,
                                       progress=lambda i, n: seen.append((i, n)))
     assert seen == [(i, steps) for i in range(steps)]
     ref = _reference_sample(monkeypatch, reference, latents, cond, steps, cond_free, temperature, 11)
@@ -268,15 +275,15 @@ def test_do_spectrogram_diffusion(model, reference, inputs, monkeypatch, steps, 
     assert ref.std() > 1
     np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL_MEL)
     # the same seed gives the same mel; another seed another one
-    again = D.do_spectrogram_diffusion(model, diffuser, latents, cond, temperature, True, np.random.default_rng(11))
+    again = api.do_spectrogram_diffusion(model, diffuser, latents, cond, temperature, True, np.random.default_rng(11))
     np.testing.assert_array_equal(again, ours)
-    other = D.do_spectrogram_diffusion(model, diffuser, latents, cond, temperature=temperature, rng=12)
+    other = api.do_spectrogram_diffusion(model, diffuser, latents, cond, temperature=temperature, rng=12)
     assert np.abs(other - ours).max() > 0.1
 
 
 def test_sampler_bad_inputs(model, inputs):
-    diffuser = D.load_discrete_vocoder_diffuser(desired_diffusion_steps=2)
+    diffuser = api.load_discrete_vocoder_diffuser(desired_diffusion_steps=2)
     with pytest.raises(ValueError, match="temperature"):
-        D.do_spectrogram_diffusion(model, diffuser, inputs["latents"][:1], inputs["cond"][:1], temperature=-1)
+        api.do_spectrogram_diffusion(model, diffuser, inputs["latents"][:1], inputs["cond"][:1], temperature=-1)
     with pytest.raises(ValueError, match="cannot divide"):
-        D.load_discrete_vocoder_diffuser(desired_diffusion_steps=4001)
+        api.load_discrete_vocoder_diffuser(desired_diffusion_steps=4001)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml import layers
+from tortoise_ggml.models import layers
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

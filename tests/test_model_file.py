@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml import names
-from tortoise_ggml.model_file import ModelFile
+from tortoise_ggml.weights import names, registry
+from tortoise_ggml.weights.model_file import ModelFile
 
 gguf = pytest.importorskip("gguf")
 
@@ -29,9 +29,9 @@ def padded(arr):
 def test_every_tensor_reads_back_from_the_cpu_backend(oracle, small_ckpt_dir, small_gguf, cpu):
     from test_convert import reference_state_dict
     with ModelFile(small_gguf, cpu) as mf:
-        assert mf.components == list(names.COMPONENTS)
+        assert mf.components == list(registry.COMPONENTS)
         total = 0
-        for c in names.COMPONENTS:
+        for c in registry.COMPONENTS:
             ref = reference_state_dict(oracle, c, small_ckpt_dir)
             w = mf.weights(c)
             assert sorted(w) == sorted(ref)
@@ -94,7 +94,7 @@ def test_file_with_a_component_subset(small_ckpt_dir, tmp_path, cpu):
 
 
 def test_q8_0_file_loads_and_multiplies(small_gguf, small_gguf_q8, cpu):
-    from tortoise_ggml import layers
+    from tortoise_ggml.models import layers
     reader = gguf.GGUFReader(small_gguf_q8)
     raw = {t.name: t for t in reader.tensors}
     with ModelFile(small_gguf_q8, cpu, components=["autoregressive"]) as mq, \
@@ -127,7 +127,7 @@ def _has_amx(backend):
 def test_q8_0_matmul_weights_in_the_amx_layout(small_gguf_q8, cpu):
     """q8_0 matmul weights go to the AMX layout, embedding tables and odd-sized matrices stay plain; the products
     match the plain layout's (both quantise the activations to q8_0); repacked weights refuse other ops."""
-    from tortoise_ggml import layers
+    from tortoise_ggml.models import layers
     with ModelFile(small_gguf_q8, cpu, components=["autoregressive"]) as amx, \
             ModelFile(small_gguf_q8, cpu, components=["autoregressive"], repack=False) as plain:
         wa, wp = amx.weights("autoregressive"), plain.weights("autoregressive")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml.model_file import ModelFile
+from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models.random_latent_generator import RandomLatentConverter
 
 COMPONENTS = ("rlg_auto", "rlg_diffuser")
@@ -34,7 +34,7 @@ def _reference(oracle, ckpt, component, noise):
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_matches_reference(oracle, small_ckpt_dir, model_file, component):
     import torch
-    rlg = RandomLatentConverter(model_file, component)
+    rlg = RandomLatentConverter(model_file, component=component)
     assert rlg.channels == oracle.CONFIGS["small"][component]["channels"]
     noise = np.random.default_rng(3).standard_normal((3, rlg.channels)).astype(np.float32)
     got = rlg(noise)
@@ -53,7 +53,7 @@ def test_matches_reference(oracle, small_ckpt_dir, model_file, component):
 
 def test_q8_0_weights(oracle, small_ckpt_dir, small_gguf_q8, backend):
     mf = ModelFile(small_gguf_q8, backend, components=["rlg_auto"])
-    rlg = RandomLatentConverter(mf, "rlg_auto")
+    rlg = RandomLatentConverter(mf, component="rlg_auto")
     noise = np.random.default_rng(4).standard_normal((2, rlg.channels)).astype(np.float32)
     ref = _reference(oracle, small_ckpt_dir, "rlg_auto", noise)
     got = rlg(noise)
@@ -61,7 +61,7 @@ def test_q8_0_weights(oracle, small_ckpt_dir, small_gguf_q8, backend):
 
 
 def test_sample_is_seedable(model_file):
-    rlg = RandomLatentConverter(model_file, "rlg_diffuser")
+    rlg = RandomLatentConverter(model_file, component="rlg_diffuser")
     a = rlg.sample(np.random.default_rng(1), batch=2)
     assert a.shape == (2, rlg.channels)
     np.testing.assert_array_equal(a, rlg.sample(1, batch=2))
@@ -71,7 +71,7 @@ def test_sample_is_seedable(model_file):
 
 
 def test_bad_input(model_file):
-    rlg = RandomLatentConverter(model_file, "rlg_auto")
+    rlg = RandomLatentConverter(model_file, component="rlg_auto")
     with pytest.raises(ValueError, match=r"\(batch, 128\)"):
         rlg(np.zeros((1, 64), np.float32))
     with pytest.raises(ValueError, match=r"\(batch, 128\)"):
@@ -81,4 +81,4 @@ def test_bad_input(model_file):
     with pytest.raises(ValueError, match="positive integer"):
         rlg.sample(0, batch=0)
     with pytest.raises(ValueError, match="rlg_auto, rlg_diffuser"):
-        RandomLatentConverter(model_file, "vocoder")
+        RandomLatentConverter(model_file, component="vocoder")

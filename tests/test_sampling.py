@@ -3,7 +3,7 @@ tortoise/api.py's fix_autoregressive_output."""
 import numpy as np
 import pytest
 
-from tortoise_ggml import sampling
+from tortoise_ggml.utils import sampling
 
 torch = pytest.importorskip("torch")
 lp = pytest.importorskip("transformers.generation.logits_process")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tortoise_ggml import text as ours
+from tortoise_ggml.utils import text as ours
 
 SENTENCES = [
     "Hello, this is a test of the Tortoise text to speech system. It costs $3.50 on Dec. 5th!",
@@ -124,7 +124,7 @@ def test_split_and_recombine_matches(oracle, riding_hood):
 
 
 def test_tokenizer_from_model_file(small_gguf, ref_tok):
-    from tortoise_ggml.model_file import ModelFile
+    from tortoise_ggml.weights.model_file import ModelFile
     import pyggml as pg
     mf = ModelFile(str(small_gguf), pg.Backend("cpu", threads=1), components=["rlg_auto"])
     tok = ours.VoiceBpeTokenizer.from_model_file(mf)

@@ -21,10 +21,15 @@ import numpy as np
 
 import pyggml as pg
 
-from . import audio
-from .model_file import ModelFile
-from .sampling import fix_autoregressive_output
-from .text import VoiceBpeTokenizer
+from .utils import audio
+from .weights.model_file import ModelFile
+from .weights.registry import REGISTRY
+from .models.config import AudioConfig
+from .utils.audio import denormalize_tacotron_mel
+from .utils.checks import as_generator
+from .utils.diffusion import SpacedDiffusion, get_named_beta_schedule, space_timesteps
+from .utils.sampling import CALM_TOKEN, fix_autoregressive_output
+from .utils.text import VoiceBpeTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +42,13 @@ PRESETS = {
     'standard': {'num_autoregressive_samples': 256, 'diffusion_iterations': 200},
     'high_quality': {'num_autoregressive_samples': 256, 'diffusion_iterations': 400},
 }
-AR_SAMPLE_RATE = 22050     # conditioning clips and AR codes
-OUTPUT_SAMPLE_RATE = 24000
-DIFFUSION_COND_LENGTH = 102400
-CALM_TOKEN = 83            # the code for silence that fix_autoregressive_output writes
-MAX_TEXT_TOKENS = 400      # tortoise asserts text_tokens.shape[-1] < 400
+# tortoise's sample rates (the model file's AudioConfig holds them per file: tts.audio_config)
+AR_SAMPLE_RATE = AudioConfig.input_sample_rate         # conditioning clips and AR codes
+OUTPUT_SAMPLE_RATE = AudioConfig.output_sample_rate    # the diffusion mels and the audio
 
 
 class MissingComponent(RuntimeError):
     """The model file has no weights for a stage that was asked for."""
-
-
-def _rng(seed) -> np.random.Generator:
-    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
 class TextToSpeech:
@@ -72,33 +71,20 @@ class TextToSpeech:
             raise ValueError(f"autoregressive_batch_size must be >= 1, got {autoregressive_batch_size}")
         if mel_positions not in ("fixed", "original"):
             raise ValueError(f"mel_positions must be 'fixed' or 'original', got {mel_positions!r}")
-        self.device = device
         self.backend = pg.Backend(device, threads=threads) if device == "cpu" else pg.Backend(device)
         self.model_file = ModelFile(model_path, self.backend, components=components)
         self.autoregressive_batch_size = int(autoregressive_batch_size)
         self.mel_positions = mel_positions
+        self.audio_config = self.model_file.audio_config
         self.tokenizer = VoiceBpeTokenizer.from_model_file(self.model_file)
         self.mel_norms = self.model_file.mel_norms
-        have = set(self.model_file.components)
-
-        self.autoregressive = self.clvp = self.diffusion = self.vocoder = None
-        self.rlg_auto = self.rlg_diffusion = None
-        if "autoregressive" in have:
-            from .models.autoregressive import UnifiedVoice
-            self.autoregressive = UnifiedVoice.from_model_file(self.model_file, self.backend, kv_cache_type)
-        if "clvp" in have:
-            from .models.clvp import CLVP
-            self.clvp = CLVP(self.model_file, self.backend)
-        if "diffusion" in have:
-            from .models.diffusion_decoder import DiffusionTts
-            self.diffusion = DiffusionTts(self.model_file, self.backend)
-        if "vocoder" in have:
-            from .models.vocoder import UnivNetGenerator
-            self.vocoder = UnivNetGenerator(self.model_file, self.backend)
-        if "rlg_auto" in have and "rlg_diffuser" in have:
-            from .models.random_latent_generator import RandomLatentConverter
-            self.rlg_auto = RandomLatentConverter(self.model_file, "rlg_auto", self.backend)
-            self.rlg_diffusion = RandomLatentConverter(self.model_file, "rlg_diffuser", self.backend)
+        options = {"autoregressive": {"kv_cache_type": kv_cache_type}}
+        for entry in REGISTRY.values():
+            model = None
+            if entry.model is not None and entry.name in self.model_file.components:
+                model = entry.model_class()(self.model_file, self.backend, component=entry.name,
+                                            **options.get(entry.name, {}))
+            setattr(self, entry.attribute, model)
 
     def _need(self, *names: str) -> None:
         for name in names:
@@ -120,16 +106,19 @@ class TextToSpeech:
         voice_samples = list(voice_samples)
         if not voice_samples:
             raise ValueError("get_conditioning_latents needs at least one voice clip")
-        rng = _rng(seed)
-        auto_conds = np.stack([audio.format_conditioning(v, self.mel_norms, rng=rng) for v in voice_samples])
+        rng = as_generator(seed)
+        ac = self.audio_config
+        auto_conds = np.stack([audio.format_conditioning(v, self.mel_norms, cond_length=ac.conditioning_length,
+                                                         rng=rng) for v in voice_samples])
         auto_latent = self.autoregressive.get_conditioning(auto_conds[None])
         diffusion_latent = diffusion_conds = None
         if self.diffusion is not None:
             mels = []
             for sample in voice_samples:
-                sample = audio.resample(np.asarray(sample, np.float32), AR_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
-                sample = audio.pad_or_truncate(sample, DIFFUSION_COND_LENGTH)
-                mels.append(audio.wav_to_univnet_mel(sample.reshape(1, -1), do_normalization=False))
+                sample = audio.resample(np.asarray(sample, np.float32), ac.input_sample_rate, ac.output_sample_rate)
+                sample = audio.pad_or_truncate(sample, ac.diffusion_conditioning_length)
+                mels.append(audio.wav_to_univnet_mel(sample.reshape(1, -1), do_normalization=False,
+                                                     n_mels=self.diffusion.config.in_channels))
             diffusion_conds = np.stack([m.reshape(m.shape[-2], m.shape[-1]) for m in mels])[None]
             diffusion_latent = self.diffusion.get_conditioning(diffusion_conds)
         if return_mels:
@@ -138,8 +127,8 @@ class TextToSpeech:
 
     def get_random_conditioning_latents(self, seed=None):
         """A random voice: the random-latent generators' (autoregressive, diffusion) latents."""
-        self._need("rlg_auto")
-        rng = _rng(seed)
+        self._need("rlg_auto", "rlg_diffusion")
+        rng = as_generator(seed)
         return self.rlg_auto.sample(rng, 1), self.rlg_diffusion.sample(rng, 1)
 
     # -- the pipeline ------------------------------------------------------------------------------------------
@@ -172,14 +161,15 @@ class TextToSpeech:
                              f"got {max_mel_tokens}")
         if num_autoregressive_samples < 1 or k < 1 or k > num_autoregressive_samples:
             raise ValueError(f"need 1 <= k ({k}) <= num_autoregressive_samples ({num_autoregressive_samples})")
-        rng = _rng(seed)
+        rng = as_generator(seed)
         stats = {}
         t0 = time.perf_counter()
         text_tokens = np.asarray(self.tokenizer.encode(text), np.int32)[None]
         text_tokens = np.pad(text_tokens, ((0, 0), (0, 1)))   # as tortoise: "This may not be necessary."
-        if text_tokens.shape[-1] >= MAX_TEXT_TOKENS:
-            raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {MAX_TEXT_TOKENS - 1}): split "
-                             "it with tortoise_ggml.text.split_and_recombine_text and speak the parts")
+        limit = self.autoregressive.config.max_text_tokens
+        if text_tokens.shape[-1] > limit:
+            raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "
+                             "tortoise_ggml.utils.text.split_and_recombine_text and speak the parts")
         if voice_samples is not None:
             auto_conditioning, diffusion_conditioning = self.get_conditioning_latents(voice_samples, seed=rng)
         elif conditioning_latents is not None:
@@ -190,7 +180,6 @@ class TextToSpeech:
             raise ValueError("conditioning_latents lack the diffusion latent")
         stats["conditioning_s"] = time.perf_counter() - t0
 
-        from .diffusion import do_spectrogram_diffusion, load_discrete_vocoder_diffuser
         diffuser = load_discrete_vocoder_diffuser(desired_diffusion_steps=diffusion_iterations, cond_free=cond_free,
                                                   cond_free_k=cond_free_k)
         stop_mel_token = self.autoregressive.stop_mel_token
@@ -270,6 +259,51 @@ class _Progress:
 
 def _progress(total: int, desc: str, verbose: bool):
     return _Progress(total, desc) if verbose else None
+
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tortoise/api.py's glue around the diffusion sampler
+# ------------------------------------------------------------------------------------------------------------------
+def load_discrete_vocoder_diffuser(trained_diffusion_steps: int = 4000, desired_diffusion_steps: int = 200,
+                                   cond_free: bool = True, cond_free_k: float = 1) -> SpacedDiffusion:
+    """The diffuser tortoise/api.py samples mels with."""
+    return SpacedDiffusion(use_timesteps=space_timesteps(trained_diffusion_steps, [desired_diffusion_steps]),
+                           model_mean_type="epsilon", model_var_type="learned_range", loss_type="mse",
+                           betas=get_named_beta_schedule("linear", trained_diffusion_steps),
+                           conditioning_free=cond_free, conditioning_free_k=cond_free_k)
+
+
+def do_spectrogram_diffusion(diffusion_model, diffuser: SpacedDiffusion, latents, conditioning_latents,
+                             temperature: float = 1, verbose: bool = False, rng=None, progress=None,
+                             output_seq_len: int | None = None) -> np.ndarray:
+    """Mel spectrogram (B, in_channels, frames) for AR ``latents`` (B, S, D) and the diffusion conditioning
+    latent (B, 2*model_channels), as tortoise/api.py's do_spectrogram_diffusion: ``temperature`` scales the
+    starting noise; ``rng`` (numpy Generator or seed) draws all noise; ``verbose`` shows a tqdm bar (the
+    reference's default is True; a library stays quiet unless asked); ``progress``, a callable
+    ``progress(step, total)``, is called before each step instead. ``output_seq_len``: the frames for S latents
+    (default: tortoise's S * 4 * 24000 // 22050, from the model file's audio config)."""
+    latents = np.asarray(latents)
+    if latents.ndim < 2:
+        raise ValueError(f"latents must be (batch, length, channels), got shape {latents.shape}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    rng = as_generator(rng)
+    seq_len = output_seq_len or diffusion_frames(diffusion_model.model_file, latents.shape[1])
+    output_shape = (latents.shape[0], diffusion_model.config.in_channels, seq_len)
+    precomputed_embeddings = diffusion_model.timestep_independent(latents, conditioning_latents, seq_len, False)
+    noise = rng.standard_normal(output_shape, dtype=np.float32) * np.float32(temperature)
+    mel = diffuser.p_sample_loop(diffusion_model, output_shape, noise=noise,
+                                 model_kwargs={"precomputed_aligned_embeddings": precomputed_embeddings},
+                                 rng=rng, progress=progress if progress is not None else verbose)
+    return denormalize_tacotron_mel(mel)[:, :, :seq_len]
+
+
+def diffusion_frames(model_file, n_codes: int) -> int:
+    """Frames of mel the diffusion decoder makes for ``n_codes`` AR codes or latents (output_seq_len)."""
+    compression = (model_file.config("autoregressive").mel_length_compression
+                   if "autoregressive" in model_file.available_components else 1024)
+    return model_file.audio_config.diffusion_frames(n_codes, compression)
 
 
 def write_wav(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> None:

@@ -28,7 +28,7 @@ class UsageError(Exception):
 def load_voice(tts, voice: str | None, seed):
     """Conditioning latents for --voice: random, a stored voice name, or a directory of clips."""
     from .api import AR_SAMPLE_RATE
-    from .audio import load_audio
+    from .utils.audio import load_audio
     if voice is None or voice == "random":
         return tts.get_random_conditioning_latents(seed=seed)
     if os.path.isdir(voice):

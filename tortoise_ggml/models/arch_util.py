@@ -1,12 +1,52 @@
-"""tortoise/models/arch_util.py: the pieces both the autoregressive conditioning encoder and the diffusion decoder use."""
+"""tortoise/models/arch_util.py: the blocks every model shares, written once (torch.nn's Linear, Conv1d, Embedding,
+LayerNorm and arch_util's normalization / GroupNorm32, QKVAttentionLegacy, AttentionBlock), and the weights view
+every block reads its tensors through.
+
+Each block is built from a ``ModuleWeights`` view (the component's tensors under the block's key prefix, each
+checked against the shape the config implies) and adds ops with ``forward(ctx, x, ...)``. Layouts are those of
+tortoise_ggml.models.layers: sequence data ne (D, T, B), channel data ne (T, C, B).
+"""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pyggml as pg
 from pyggml import Context, Tensor
 
-from .. import kernels, layers
+from .. import kernels
+from . import layers
+
+# torch.nn.GroupNorm's eps, which arch_util.normalization keeps
+GROUP_NORM_EPS = 1e-5
+
+
+class ModuleWeights:
+    """A component's weights under one key prefix (``w.sub("attn")`` descends), each checked on access against
+    the shape the config implies: a file whose tensors do not fit its metadata fails here, naming the key, not
+    deep inside a graph."""
+
+    def __init__(self, weights: Mapping[str, Tensor], component: str, prefix: str = ""):
+        self.weights, self.component, self.prefix = weights, component, prefix
+
+    def sub(self, name: str) -> ModuleWeights:
+        return ModuleWeights(self.weights, self.component, f"{self.prefix}{name}.")
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.weights
+
+    def __call__(self, name: str, *shapes: tuple[int, ...]) -> Tensor:
+        """The tensor ``prefix + name``, whose numpy shape must be one of ``shapes`` (none given: any)."""
+        key = self.prefix + name
+        try:
+            t = self.weights[key]
+        except KeyError:
+            raise KeyError(f"{self.component} weight {key!r} is missing from the model file") from None
+        # compare ne: the numpy shape of a ggml tensor drops leading unit dimensions
+        if shapes and not any(t.ne == tuple(reversed(s)) + (1,) * (4 - len(s)) for s in shapes):
+            want = " or ".join(str(tuple(s)) for s in shapes)
+            raise ValueError(f"{self.component} weight {key!r} has ne {t.ne}, the config says shape {want}")
+        return t
 
 
 def normalization(channels: int) -> int:
@@ -23,6 +63,89 @@ def normalization(channels: int) -> int:
     return groups
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# torch.nn
+# ------------------------------------------------------------------------------------------------------------------
+class Linear:
+    """nn.Linear on sequence data ne (in, T, B) (or vectors ne (in, B)) -> ne (out, ...)."""
+
+    def __init__(self, w: ModuleWeights, in_features: int, out_features: int, bias: bool = True):
+        self.weight = w("weight", (out_features, in_features))
+        self.bias = w("bias", (out_features,)) if bias else None
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, ctx: Context, x: Tensor) -> Tensor:
+        return layers.linear(ctx, x, self.weight, self.bias)
+
+
+class Conv1d:
+    """nn.Conv1d on channel data ne (T, C_in, B); the kernel as torch stores it (C_out, C_in, K), or flattened to
+    (C_out, C_in*K) as f16/q8_0 files store large ones (registry: flat_convs)."""
+
+    def __init__(self, w: ModuleWeights, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, bias: bool = True):
+        self.weight = w("weight", (out_channels, in_channels, kernel_size), (out_channels, in_channels * kernel_size))
+        self.bias = w("bias", (out_channels,)) if bias else None
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    @property
+    def matrix(self) -> bool:
+        """Whether the kernel is stored flattened (a matrix, possibly quantized)."""
+        return self.weight.ne[:2] != (self.kernel_size, self.in_channels)
+
+    def forward(self, ctx: Context, x: Tensor) -> Tensor:
+        return layers.conv1d(ctx, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                             kernel_size=self.kernel_size)
+
+    def forward_sequence(self, ctx: Context, x: Tensor) -> Tensor:
+        """A 1x1 convolution applied to sequence data ne (C_in, T, B) -> ne (C_out, T, B): a Linear over channels,
+        without the two transposes a channel-data call would cost."""
+        if self.kernel_size != 1 or self.stride != 1 or self.padding != 0:
+            raise pg.ShapeError(f"forward_sequence takes a 1x1 convolution, not kernel {self.kernel_size}")
+        w = self.weight
+        flat = w if self.matrix else ctx.reshape(w, self.in_channels, self.out_channels)
+        return layers.linear(ctx, x, flat, self.bias)
+
+
+class Embedding:
+    """nn.Embedding: rows of the table by id."""
+
+    def __init__(self, w: ModuleWeights, num_embeddings: int, embedding_dim: int, name: str = "weight"):
+        self.weight = w(name, (num_embeddings, embedding_dim))
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ctx: Context, ids: Tensor) -> Tensor:
+        """ids I32 ne (T, B) (or (N,)) -> ne (dim, T, B)."""
+        t, b = ids.ne[0], ids.ne[1]
+        rows = ctx.get_rows(self.weight, ctx.reshape(ids, t * b) if b > 1 else ids)
+        return ctx.reshape(rows, self.embedding_dim, t, b) if b > 1 else rows
+
+
+class LayerNorm:
+    """nn.LayerNorm over ne[0]."""
+
+    def __init__(self, w: ModuleWeights, dim: int, eps: float = 1e-5):
+        self.weight, self.bias, self.eps = w("weight", (dim,)), w("bias", (dim,)), eps
+
+    def forward(self, ctx: Context, x: Tensor) -> Tensor:
+        return layers.layer_norm(ctx, x, self.weight, self.bias, self.eps)
+
+
+class GroupNorm32:
+    """arch_util.normalization(channels) on channel data ne (T, C, B)."""
+
+    def __init__(self, w: ModuleWeights, channels: int):
+        self.weight, self.bias = w("weight", (channels,)), w("bias", (channels,))
+        self.groups = normalization(channels)
+
+    def forward(self, ctx: Context, x: Tensor) -> Tensor:
+        return layers.group_norm(ctx, x, self.weight, self.bias, self.groups, GROUP_NORM_EPS)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------------------------
 # tinyBLAS (ggml's fast CPU F32 products) takes row counts that are a multiple of 4 and contractions that are a
 # multiple of its vector width (16 floats at most); ggml's fallback, a dot product per output, is ~5x slower.
 # Attention with a relative position bias pads its keys to this multiple (qkv_attention_legacy).
@@ -64,3 +187,45 @@ def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tenso
         weight = ctx.soft_max_ext(scores, rel_pos, 1.0 / math.sqrt(ch))
     a = ctx.mul_mat(v_t, weight)                                               # ne (ch, T_q, H, B)
     return ctx.reshape(ctx.cont(ctx.permute(a, 0, 2, 1, 3)), ch * n_heads, t, b)
+
+
+class AttentionBlock:
+    """arch_util.AttentionBlock(channels, num_heads, relative_pos_embeddings) on channel data ne (T, C, B).
+
+    With ``relative_pos_embeddings`` (the diffusion decoder's) the bias is xtransformers.RelativePositionBias,
+    whose distance buckets come from the graph's ``inputs``; ``fused`` takes the softmax with the bias read from
+    its per-distance table by tortoise-ggml's CPU kernel. Without (the AR conditioning encoder's, CVVP's) the
+    attention is ggml's fused flash attention.
+    """
+
+    def __init__(self, w: ModuleWeights, channels: int, num_heads: int = 1, relative_pos_embeddings: bool = False,
+                 num_buckets: int = 32, max_distance: int = 64, fused: bool = False):
+        if channels % num_heads:
+            raise ValueError(f"{w.prefix}: {channels} channels do not split into {num_heads} heads")
+        self.num_heads, self.fused = num_heads, fused
+        self.norm = GroupNorm32(w.sub("norm"), channels)
+        self.qkv = Conv1d(w.sub("qkv"), channels, 3 * channels, 1)
+        self.proj_out = Conv1d(w.sub("proj_out"), channels, channels, 1)
+        self.relative_pos_embeddings = None
+        if relative_pos_embeddings:
+            from .xtransformers import RelativePositionBias
+            self.relative_pos_embeddings = RelativePositionBias(
+                w.sub("relative_pos_embeddings"), scale=(channels // num_heads) ** .5, heads=num_heads,
+                num_buckets=num_buckets, max_distance=max_distance)
+
+    def forward(self, ctx: Context, x: Tensor, inputs: pg.Inputs | None = None) -> Tensor:
+        qkv = self.qkv.forward_sequence(ctx, layers.to_sequence(ctx, self.norm.forward(ctx, x)))
+        rel = self.relative_pos_embeddings
+        if rel is None:
+            h = qkv_attention_legacy(ctx, qkv, self.num_heads)
+        elif self.fused:
+            h = qkv_attention_legacy(ctx, qkv, self.num_heads, rel_table=rel.per_distance(ctx, inputs, x.ne[0]))
+        else:
+            t = x.ne[0]
+            h = qkv_attention_legacy(ctx, qkv, self.num_heads, rel.forward(ctx, inputs, t, t + -t % KEY_STEP))
+        h = self.proj_out.forward_sequence(ctx, h)
+        return ctx.add(x, layers.to_sequence(ctx, h))
+
+
+__all__ = ["ModuleWeights", "normalization", "Linear", "Conv1d", "Embedding", "LayerNorm", "GroupNorm32",
+           "qkv_attention_legacy", "AttentionBlock", "KEY_STEP", "GROUP_NORM_EPS"]

@@ -23,7 +23,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
-from .. import layers
+from . import layers
 from .arch_util import normalization, qkv_attention_legacy
 from .gpt2 import GPT2Model, LayerNorm
 from .kv_cache import KVCache
@@ -522,7 +522,7 @@ class UnifiedVoice:
         start_mel_token. ``mel_positions``: "fixed" or "original" (see the module docstring). ``rng``: a numpy
         Generator or seed; ``progress(generated, limit)`` is called after every step.
         """
-        from .. import sampling
+        from ..utils import sampling
 
         fake_inputs = self.compute_prefix(speech_conditioning_latent, text_inputs)
         trunc_index = fake_inputs.shape[1]

@@ -21,13 +21,11 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
-from .xtransformers import CheckedWeights, encoder_from_hparams
+from ..utils.checks import ids
+from .arch_util import Embedding, Linear, ModuleWeights
+from .base import Model
+from .xtransformers import encoder_from_config
 
-COMPONENT = "clvp"
-HPARAMS = ("dim_text", "dim_speech", "dim_latent", "num_text_tokens", "text_enc_depth", "text_heads",
-           "num_speech_tokens", "speech_enc_depth", "speech_heads", "dim_head", "ff_mult", "rotary_emb_dim",
-           "use_xformers")
-# F.normalize's default eps
 NORMALIZE_EPS = 1e-12
 
 
@@ -43,50 +41,41 @@ class CheckpointedXTransformerEncoder:
     """tortoise/models/arch_util.py's wrapper: ContinuousTransformerWrapper at ``.transformer``, each layer's block
     wrapped in a weightless CheckpointedLayer (the ``.wrap`` in the keys); CLVP builds it without permutes."""
 
-    def __init__(self, w: CheckedWeights, dim: int, depth: int, heads: int, hp: dict):
-        self.transformer = encoder_from_hparams(w.sub("transformer"), dim, depth, heads, hp, wrap=".wrap")
+    def __init__(self, w: ModuleWeights, dim: int, depth: int, heads: int, config):
+        self.transformer = encoder_from_config(w.sub("transformer"), dim, depth, heads, config, wrap=".wrap")
 
     def forward(self, ctx: Context, x: Tensor, positions: Tensor) -> Tensor:
         return self.transformer.forward(ctx, x, positions)
 
 
-class CLVP:
+class CLVP(Model):
     """``CLVP(model_file, backend=None, max_batch=16)``; ``forward(text, speech_tokens)`` -> scores (N,).
 
     ``backend`` defaults to the model file's; the weights must live where it can read them."""
 
-    def __init__(self, model_file, backend: pg.Backend | None = None, max_batch: int = 16):
-        hp = model_file.hparams(COMPONENT)
-        missing = [k for k in HPARAMS if k not in hp]
-        if missing:
-            raise ValueError(f"the model file lacks clvp hyperparameters {missing}")
-        if not hp["use_xformers"]:
-            raise ValueError("only the x-transformers CLVP (use_xformers=True, as tortoise/api.py builds it) is "
-                             "supported")
+    component = "clvp"
+
+    def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
+                 max_batch: int = 16):
         if int(max_batch) < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.backend = backend or model_file.backend
-        self.model_file = model_file  # owns the buffer the weights live in: keep it alive as long as we are
+        super().__init__(model_file, backend, component)
+        cfg, w = self.config, self.weights
         self.max_batch = int(max_batch)
-        self.num_text_tokens = int(hp["num_text_tokens"])
-        self.num_speech_tokens = int(hp["num_speech_tokens"])
-        dim_text, dim_speech, dim_latent = int(hp["dim_text"]), int(hp["dim_speech"]), int(hp["dim_latent"])
-        self.dim_latent = dim_latent
-        w = CheckedWeights(model_file.weights(COMPONENT), COMPONENT)
-
-        self.text_emb = w("text_emb.weight", (self.num_text_tokens, dim_text))
-        self.to_text_latent = w("to_text_latent.weight", (dim_latent, dim_text))
-        self.speech_emb = w("speech_emb.weight", (self.num_speech_tokens, dim_speech))
-        self.to_speech_latent = w("to_speech_latent.weight", (dim_latent, dim_speech))
+        self.num_text_tokens, self.num_speech_tokens = cfg.num_text_tokens, cfg.num_speech_tokens
+        self.dim_latent = cfg.dim_latent
+        self.text_emb = Embedding(w.sub("text_emb"), cfg.num_text_tokens, cfg.dim_text)
+        self.to_text_latent = Linear(w.sub("to_text_latent"), cfg.dim_text, cfg.dim_latent, bias=False)
+        self.speech_emb = Embedding(w.sub("speech_emb"), cfg.num_speech_tokens, cfg.dim_speech)
+        self.to_speech_latent = Linear(w.sub("to_speech_latent"), cfg.dim_speech, cfg.dim_latent, bias=False)
         self.text_transformer = CheckpointedXTransformerEncoder(
-            w.sub("text_transformer"), dim_text, int(hp["text_enc_depth"]), int(hp["text_heads"]), hp)
+            w.sub("text_transformer"), cfg.dim_text, cfg.text_enc_depth, cfg.text_heads, cfg)
         self.speech_transformer = CheckpointedXTransformerEncoder(
-            w.sub("speech_transformer"), dim_speech, int(hp["speech_enc_depth"]), int(hp["speech_heads"]), hp)
+            w.sub("speech_transformer"), cfg.dim_speech, cfg.speech_enc_depth, cfg.speech_heads, cfg)
         self.temperature = w("temperature", (1,))
-        self.last_graph_nodes = 0
 
     # -- the graph ------------------------------------------------------------------------------------------------
-    def forward_graph(self, ctx: Context, text: Tensor, speech_tokens: Tensor, text_positions: Tensor,
+    def build(self, ctx: Context, text: Tensor, speech_tokens: Tensor, text_positions: Tensor,
                       speech_positions: Tensor, text_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The reference's CLVP.forward(return_loss=False) as a graph.
 
@@ -96,10 +85,8 @@ class CLVP:
         """
         t, u = text.ne[0], text.ne[1]
         s, n = speech_tokens.ne[0], speech_tokens.ne[1]
-        text_emb = ctx.get_rows(self.text_emb, ctx.reshape(text, t * u))
-        text_emb = ctx.reshape(text_emb, text_emb.ne[0], t, u)
-        speech_emb = ctx.get_rows(self.speech_emb, ctx.reshape(speech_tokens, s * n))
-        speech_emb = ctx.reshape(speech_emb, speech_emb.ne[0], s, n)
+        text_emb = ctx.reshape(self.text_emb.forward(ctx, text), self.text_emb.embedding_dim, t, u)
+        speech_emb = ctx.reshape(self.speech_emb.forward(ctx, speech_tokens), self.speech_emb.embedding_dim, s, n)
 
         enc_text = self.text_transformer.forward(ctx, text_emb, text_positions)
         enc_speech = self.speech_transformer.forward(ctx, speech_emb, speech_positions)
@@ -107,8 +94,8 @@ class CLVP:
         text_latents = masked_mean(ctx, enc_text)
         speech_latents = masked_mean(ctx, enc_speech)
 
-        text_latents = ctx.mul_mat(self.to_text_latent, text_latents)          # ne (L, U)
-        speech_latents = ctx.mul_mat(self.to_speech_latent, speech_latents)    # ne (L, N)
+        text_latents = self.to_text_latent.forward(ctx, text_latents)          # ne (L, U)
+        speech_latents = self.to_speech_latent.forward(ctx, speech_latents)    # ne (L, N)
 
         text_latents = ctx.l2_norm(text_latents, NORMALIZE_EPS)
         speech_latents = ctx.l2_norm(speech_latents, NORMALIZE_EPS)
@@ -135,7 +122,7 @@ class CLVP:
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} holds token id {bad}, outside this model's vocabulary 0..{vocab - 1}")
-        return np.ascontiguousarray(arr, dtype=np.int32)
+        return ids(arr, name, vocab)
 
     def forward(self, text, speech_tokens, return_latents: bool = False):
         """Scores of N candidates: ``text`` (1 or N, T) text token ids (one row is used for every candidate, as
@@ -165,26 +152,15 @@ class CLVP:
         unique, inverse = np.unique(text, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1).astype(np.int32)
         (u, t), (n, s) = unique.shape, speech.shape
-        with Context() as ctx:
-            feed = {}
-
-            def inp(array: np.ndarray) -> Tensor:
-                x = ctx.new_tensor("i32", tuple(reversed(array.shape))).set_input()
-                feed[x] = array
-                return x
-
-            text_in, speech_in = inp(unique), inp(speech)
-            text_pos, speech_pos = inp(np.arange(t, dtype=np.int32)), inp(np.arange(s, dtype=np.int32))
-            index = inp(inverse) if u > 1 else None
-            text_latents, speech_latents, sim = self.forward_graph(ctx, text_in, speech_in, text_pos, speech_pos,
-                                                                   index)
-            for x in (text_latents, speech_latents, sim):
-                x.set_output()
-            graph = Graph(ctx, text_latents, speech_latents, sim)
-            self.last_graph_nodes = graph.n_nodes
-            self.backend.compute(graph, feed)
+        with pg.Context() as ctx:
+            inputs = pg.Inputs(ctx)
+            text_in, speech_in = inputs.add(unique), inputs.add(speech)
+            text_pos, speech_pos = inputs.add(np.arange(t, dtype=np.int32)), inputs.add(np.arange(s, dtype=np.int32))
+            index = inputs.add(inverse) if u > 1 else None
+            text_latents, speech_latents, sim = self.compute(
+                *self.build(ctx, text_in, speech_in, text_pos, speech_pos, index), inputs=inputs)
             tl = text_latents.get().reshape(u, self.dim_latent)[inverse if u > 1 else np.zeros(n, np.int32)]
             return sim.get().reshape(n), tl, speech_latents.get().reshape(n, self.dim_latent)
 
 
-__all__ = ["CLVP", "CheckpointedXTransformerEncoder", "masked_mean", "COMPONENT", "HPARAMS"]
+__all__ = ["CLVP", "CheckpointedXTransformerEncoder", "masked_mean"]

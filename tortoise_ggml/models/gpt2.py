@@ -11,7 +11,8 @@ from typing import Mapping
 
 from pyggml import Context, Tensor
 
-from .. import kernels, layers
+from .. import kernels
+from . import layers
 from .kv_cache import KVCache
 
 

@@ -9,16 +9,14 @@ Generator: the same seed gives other noise than torch's, so other random voices 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 
-import pyggml as pg
-from pyggml import Context, Graph, Tensor
+from pyggml import Context, Tensor
 
-from .. import layers
-
-COMPONENTS = ("rlg_auto", "rlg_diffuser")
+from ..utils.checks import as_generator, floats
+from .arch_util import Linear, ModuleWeights
+from .base import Model
 
 
 def fused_leaky_relu(ctx: Context, input: Tensor, bias: Tensor | None = None, negative_slope: float = 0.2,
@@ -33,10 +31,9 @@ class EqualLinear:
     """StyleGAN's equalised-learning-rate linear layer: the stored weight and bias are scaled at run time (by
     lr_mul / sqrt(in_dim) and lr_mul), then fused leaky ReLU."""
 
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, lr_mul: float, negative_slope: float):
-        self.weight = weights[f"{prefix}.weight"]
-        self.bias = weights[f"{prefix}.bias"]
-        in_dim = self.weight.ne[0]
+    def __init__(self, w: ModuleWeights, in_dim: int, out_dim: int, lr_mul: float, negative_slope: float):
+        self.weight = w("weight", (out_dim, in_dim))
+        self.bias = w("bias", (out_dim,))
         self.scale = (1 / math.sqrt(in_dim)) * lr_mul
         self.lr_mul = lr_mul
         self.negative_slope = negative_slope
@@ -47,40 +44,23 @@ class EqualLinear:
         return fused_leaky_relu(ctx, out, ctx.scale(self.bias, self.lr_mul), self.negative_slope)
 
 
-class Linear:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
-        self.weight = weights[f"{prefix}.weight"]
-        self.bias = weights[f"{prefix}.bias"]
+class RandomLatentConverter(Model):
+    """``RandomLatentConverter(model_file, component="rlg_auto")(noise)``: noise (B, channels) -> latents
+    (B, channels). The component is rlg_auto or rlg_diffuser (one class, two registry entries)."""
 
-    def forward(self, ctx: Context, x: Tensor) -> Tensor:
-        return layers.linear(ctx, x, self.weight, self.bias)
+    component = "rlg_auto"
 
-
-class RandomLatentConverter:
-    """``RandomLatentConverter(model_file, "rlg_auto")(noise)``: noise (B, channels) -> latents (B, channels).
-
-    ``backend`` defaults to the model file's; the weights must live where it can read them."""
-
-    def __init__(self, model_file, component: str, backend: pg.Backend | None = None):
-        if component not in COMPONENTS:
-            raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, not {component!r}")
-        hp = model_file.hparams(component)
-        try:
-            self.channels = int(hp["channels"])
-            n_equal = int(hp["equal_linear_layers"])
-            lr_mul = float(hp["lr_mul"])
-            negative_slope = float(hp["negative_slope"])
-        except KeyError as e:
-            raise KeyError(f"{component} hparams lack {e.args[0]!r}") from None
-        weights = model_file.weights(component)
-        self.component = component
-        self.backend = backend or model_file.backend
+    def __init__(self, model_file, backend=None, component: str | None = None):
+        if component not in (None, "rlg_auto", "rlg_diffuser"):
+            raise ValueError(f"component must be one of rlg_auto, rlg_diffuser, not {component!r}")
+        super().__init__(model_file, backend, component)
+        cfg = self.config
+        self.channels = c = cfg.channels
         # nn.Sequential(*[EqualLinear(channels, channels, lr_mul) for _ in range(n)], nn.Linear(channels, channels))
-        self.layers = [EqualLinear(weights, f"layers.{i}", lr_mul, negative_slope) for i in range(n_equal)]
-        self.layers.append(Linear(weights, f"layers.{n_equal}"))
-        for layer in self.layers:
-            if tuple(layer.weight.ne[:2]) != (self.channels, self.channels):
-                raise ValueError(f"{component}: weight {layer.weight!r} is not {self.channels}x{self.channels}")
+        layers = self.weights.sub("layers")
+        self.layers = [EqualLinear(layers.sub(str(i)), c, c, cfg.lr_mul, cfg.negative_slope)
+                       for i in range(cfg.equal_linear_layers)]
+        self.layers.append(Linear(layers.sub(str(cfg.equal_linear_layers)), c, c))
 
     def build(self, ctx: Context, r: Tensor) -> Tensor:
         """The graph on noise ``r`` ne (channels, B) -> ne (channels, B)."""
@@ -91,18 +71,17 @@ class RandomLatentConverter:
 
     def forward(self, noise) -> np.ndarray:
         """Latents for noise (B, channels) (a (channels,) vector counts as B = 1): float32 (B, channels)."""
-        r = np.asarray(noise)
-        if r.dtype.kind != "f":
-            raise TypeError(f"noise must be floating point, got dtype {r.dtype}")
+        r = floats(noise, "noise")
         if r.ndim == 1:
             r = r[None]
-        if r.ndim != 2 or r.shape[1] != self.channels or r.shape[0] == 0:
+        if r.ndim != 2 or r.shape[1] != self.channels:
             raise ValueError(f"noise must be (batch, {self.channels}) for {self.component}, got shape {r.shape}")
-        r = np.ascontiguousarray(r, dtype=np.float32)
-        ctx = Context()
-        x = ctx.new_tensor("f32", (self.channels, r.shape[0])).set_input()
-        y = self.build(ctx, x)
-        self.backend.compute(Graph(ctx, y), {x: r})
+
+        def build(ctx, inputs):
+            x = inputs.add(r)
+            return {"noise": x}, self.build(ctx, x)
+
+        y, = self.graphs.compute(r.shape, build, noise=r)
         return y.get().reshape(r.shape)  # ggml drops the unit batch dimension
 
     __call__ = forward
@@ -110,7 +89,7 @@ class RandomLatentConverter:
     def sample(self, rng=None, batch: int = 1) -> np.ndarray:
         """Random latents (batch, channels) from standard normal noise drawn with ``rng`` (a numpy Generator or a
         seed; None: fresh OS entropy), as tortoise's get_random_conditioning_latents draws torch.randn noise."""
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_generator(rng)
         if int(batch) != batch or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch}")
         return self.forward(rng.standard_normal((int(batch), self.channels), dtype=np.float32))

@@ -26,15 +26,14 @@ from pyggml import Context, Tensor
 from pyggml.raw import lib
 
 from .. import kernels as fused_kernels
-from .. import layers
+from ..utils.checks import as_generator, floats
+from . import layers
+from .arch_util import ModuleWeights
+from .base import Model
 
-COMPONENT = "vocoder"
 # the value the reference appends to the mel (log of ~1e-5: silence) so the last frames do not end in an artifact
 PAD_VALUE = -11.5129
 PAD_FRAMES = 10
-HPARAMS = ("noise_dim", "channel_size", "dilations", "strides", "lReLU_slope", "kpnet_conv_size", "hop_length",
-           "n_mel_channels", "conv_kernel_size", "kpnet_hidden_channels", "kpnet_input_conv_size",
-           "conv_post_kernel_size")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -221,31 +220,10 @@ def reflect_conv1d_time_major(ctx: Context, x: Tensor, w: Tensor, b: Tensor | No
 # ------------------------------------------------------------------------------------------------------------------
 # the reference's modules
 # ------------------------------------------------------------------------------------------------------------------
-class _Weights:
-    """The component's weights under one key prefix, shape-checked on access."""
-
-    def __init__(self, weights, prefix: str = ""):
-        self.weights, self.prefix = weights, prefix
-
-    def sub(self, name: str) -> "_Weights":
-        return _Weights(self.weights, f"{self.prefix}{name}.")
-
-    def __call__(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        key = self.prefix + name
-        try:
-            t = self.weights[key]
-        except KeyError:
-            raise KeyError(f"vocoder weight {key!r} is missing from the model file") from None
-        # compare ne: numpy shapes of ggml tensors drop leading unit dimensions
-        if t.ne != tuple(reversed(shape)) + (1,) * (4 - len(shape)):
-            raise ValueError(f"vocoder weight {key!r} has ne {t.ne}, the hyperparameters say shape {shape}")
-        return t
-
-
 class KernelPredictor:
     """Kernel predictor for the location-variable convolutions: mel frames -> per-frame kernels and biases."""
 
-    def __init__(self, w: _Weights, cond_channels: int, conv_in_channels: int, conv_out_channels: int,
+    def __init__(self, w: ModuleWeights, cond_channels: int, conv_in_channels: int, conv_out_channels: int,
                  conv_layers: int, conv_kernel_size: int, kpnet_hidden_channels: int, kpnet_conv_size: int,
                  kpnet_input_conv_size: int, negative_slope: float):
         self.conv_in_channels = conv_in_channels
@@ -347,7 +325,7 @@ class KernelPredictor:
 class LVCBlock:
     """Upsampling by ``stride``, then location-variable convolutions with gated residuals."""
 
-    def __init__(self, w: _Weights, in_channels: int, cond_channels: int, stride: int, dilations: list[int],
+    def __init__(self, w: ModuleWeights, in_channels: int, cond_channels: int, stride: int, dilations: list[int],
                  lReLU_slope: float, conv_kernel_size: int, cond_hop_length: int, kpnet_hidden_channels: int,
                  kpnet_conv_size: int, kpnet_input_conv_size: int, backend: pg.Backend | None = None,
                  fused: bool = False):
@@ -456,31 +434,24 @@ class LVCBlock:
         return outs[0] if groups == 1 else outs
 
 
-class UnivNetGenerator:
+class UnivNetGenerator(Model):
     """UnivNet generator on ggml. ``UnivNetGenerator(model_file, backend)``; ``inference(mel)`` -> waveform."""
 
-    def __init__(self, model_file, backend: pg.Backend, fused: bool | None = None):
+    component = "vocoder"
+
+    def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
+                 fused: bool | None = None):
         """``fused``: run the residual stacks with tortoise-ggml's fused CPU kernels (tortoise_ggml/kernels, 3-4x
         faster); None (default) uses them wherever they can run (CPU backend, channel counts a multiple of their
         vector width), False never, True insists (ValueError where they cannot run)."""
-        hp = model_file.hparams(COMPONENT)
-        missing = [k for k in HPARAMS if k not in hp]
-        if missing:
-            raise ValueError(f"the model file lacks vocoder hyperparameters {missing}")
-        self.backend = backend
-        self.model_file = model_file  # owns the buffer the weights live in: keep it alive as long as we are
-        self.mel_channel = int(hp["n_mel_channels"])
-        self.noise_dim = int(hp["noise_dim"])
-        self.hop_length = int(hp["hop_length"])
-        self.channel_size = channel_size = int(hp["channel_size"])
-        self.strides = [int(s) for s in hp["strides"]]
-        dilations = [int(d) for d in hp["dilations"]]
-        slope = float(hp["lReLU_slope"])
-        kpnet_conv_size = int(hp["kpnet_conv_size"])
-        if int(np.prod(self.strides)) != self.hop_length:
-            raise ValueError(f"vocoder strides {self.strides} do not multiply to hop_length {self.hop_length}")
-        w = _Weights(model_file.weights(COMPONENT))
-        post_k = int(hp["conv_post_kernel_size"])
+        super().__init__(model_file, backend, component)
+        cfg, w, backend = self.config, self.weights, self.backend
+        self.mel_channel = cfg.n_mel_channels
+        self.noise_dim = cfg.noise_dim
+        self.hop_length = cfg.hop_length
+        self.channel_size = channel_size = cfg.channel_size
+        self.strides = list(cfg.strides)
+        post_k = cfg.conv_post_kernel_size
 
         self.fused = fused_kernels.choose(
             fused, fused_kernels.usable(backend, channel_size, 2 * channel_size),
@@ -492,19 +463,19 @@ class UnivNetGenerator:
         for i, stride in enumerate(self.strides):
             hop_length = stride * hop_length
             self.res_stack.append(LVCBlock(
-                w.sub(f"res_stack.{i}"), channel_size, self.mel_channel, stride=stride, dilations=dilations,
-                lReLU_slope=slope, conv_kernel_size=int(hp["conv_kernel_size"]), cond_hop_length=hop_length,
-                kpnet_hidden_channels=int(hp["kpnet_hidden_channels"]), kpnet_conv_size=kpnet_conv_size,
-                kpnet_input_conv_size=int(hp["kpnet_input_conv_size"]), backend=backend, fused=self.fused))
+                w.sub(f"res_stack.{i}"), channel_size, self.mel_channel, stride=stride, dilations=cfg.dilations,
+                lReLU_slope=cfg.lReLU_slope, conv_kernel_size=cfg.conv_kernel_size, cond_hop_length=hop_length,
+                kpnet_hidden_channels=cfg.kpnet_hidden_channels, kpnet_conv_size=cfg.kpnet_conv_size,
+                kpnet_input_conv_size=cfg.kpnet_input_conv_size, backend=backend, fused=self.fused))
         self.conv_pre = (w("conv_pre.weight", (channel_size, self.noise_dim, post_k)),
                          w("conv_pre.bias", (channel_size,)))
         self.conv_post = (w("conv_post.1.weight", (1, channel_size, post_k)), w("conv_post.1.bias", (1,)))
         self.post_windows = windows_for(backend, 1)
-        self.slope = slope
-        self.last_graph_nodes = 0
-        self._graph = None  # (key, context, graph, inputs, output) of the last run, reused for the same size
+        self.slope = cfg.lReLU_slope
+        # a graph of a few hundred nodes; every tensor of it is described in its context
+        self.graphs = pg.CachedGraph(backend, max_tensors=4096, graph_size=4096)
 
-    def forward(self, ctx: Context, c: Tensor, z: Tensor, order: list | None = None) -> Tensor:
+    def build(self, ctx: Context, c: Tensor, z: Tensor, order: list | None = None) -> Tensor:
         """c: mel ne (L, n_mel, B); z: noise ne (L, noise_dim, B) -> waveform ne (1, L*hop_length, B) (time-major:
         the same memory as the reference's (B, 1, L*hop_length))."""
         zw, zb = self.conv_pre
@@ -522,16 +493,13 @@ class UnivNetGenerator:
     def _check(self, name: str, a, shape: tuple) -> np.ndarray:
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, not {type(a).__name__}")
-        if a.dtype.kind != "f":
-            raise TypeError(f"{name} must hold floats, got dtype {a.dtype}")
         if a.ndim != len(shape):
             raise ValueError(f"{name} must be {len(shape)}-D {shape}, got shape {a.shape}")
+        a = floats(a, name, allow_empty=True, finite=False)
         for got, want, what in zip(a.shape, shape, ("batch", "channels", "frames")):
             if isinstance(want, int) and got != want:
                 raise ValueError(f"{name} has {got} {what} (axis of shape {a.shape}), expected {want}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
-        return np.ascontiguousarray(a, dtype=np.float32)
+        return floats(a, name, allow_empty=True)
 
     def inference(self, c: np.ndarray, z: np.ndarray | None = None, seed: int | None = None,
                   rng: np.random.Generator | None = None) -> np.ndarray:
@@ -556,7 +524,7 @@ class UnivNetGenerator:
         mel = np.concatenate([c, np.full((batch, self.mel_channel, PAD_FRAMES), PAD_VALUE, np.float32)], axis=2)
         length = frames + PAD_FRAMES
         if z is None:
-            rng = rng if rng is not None else np.random.default_rng(seed)
+            rng = as_generator(rng if rng is not None else seed)
             z = rng.standard_normal((batch, self.noise_dim, length), dtype=np.float32)
         else:
             if not isinstance(z, np.ndarray):
@@ -565,7 +533,7 @@ class UnivNetGenerator:
                 raise ValueError(f"z must have shape (batch, noise_dim, frames + {PAD_FRAMES}) = "
                                  f"{(batch, self.noise_dim, length)}, got {z.shape}")
             z = self._check("z", z, (batch, self.noise_dim, length))
-        audio = self._run(mel, z)                                        # (B, L*hop)
+        audio = self.forward(mel, z)                                        # (B, L*hop)
         audio = audio[:, : -(self.hop_length * PAD_FRAMES)]
         return np.clip(audio, -1.0, 1.0)
 
@@ -574,25 +542,17 @@ class UnivNetGenerator:
         """``tts.vocoder(mel, noise=None, seed=...)``: ``inference`` with ``noise`` as z."""
         return self.inference(mel, z=noise, seed=seed, rng=rng)
 
-    def _run(self, mel: np.ndarray, z: np.ndarray) -> np.ndarray:
+    def forward(self, mel: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The generator on padded mel (B, n_mel, L) and noise (B, noise_dim, L): float32 (B, L*hop_length)."""
         batch, _, length = mel.shape
-        # the graph depends on the input size only (and the backend's thread count, through the window rules):
-        # build it once per size and recompute it for repeated calls of that size
-        key = (batch, length, self.backend.threads)
-        cached = self._graph if self._graph is not None and self._graph[0] == key else None
-        if cached is None:
-            self._graph = None                                            # free the old one first
-            # a graph of a few hundred nodes; every tensor of it is described here (data comes from the allocator)
-            ctx = Context(max_tensors=4096, graph_size=4096)
-            c_in = ctx.new_tensor("f32", (length, self.mel_channel, batch), "mel").set_input()
-            z_in = ctx.new_tensor("f32", (length, self.noise_dim, batch), "noise").set_input()
+
+        def build(ctx, inputs):
+            c_in = inputs.add(mel, name="mel")
+            z_in = inputs.add(z, name="noise")
             order: list[Tensor] = []
-            out = self.forward(ctx, c_in, z_in, order)
-            graph = pg.Graph(ctx, *order, out)
-            cached = (key, ctx, graph, c_in, z_in, out)
-        _, ctx, graph, c_in, z_in, out = cached
-        self.last_graph_nodes = graph.n_nodes
-        # the per-node checks ran when the graph was first computed
-        self.backend.compute(graph, {c_in: mel, z_in: z}, check=self._graph is None)
-        self._graph = cached
+            out = self.build(ctx, c_in, z_in, order)
+            return {"mel": c_in, "noise": z_in}, [out], order
+
+        # the graph depends on the input size only (and the backend's thread count, through the window rules)
+        out, = self.graphs.compute((batch, length, self.backend.threads), build, mel=mel, noise=z)
         return out.get().reshape(batch, length * self.hop_length)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
 
 Shape = tuple[int, ...]
 
@@ -26,7 +25,7 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------------------------
 # Reading shapes
 # ------------------------------------------------------------------------------------------------------------------
-class _Shapes:
+class Shapes:
     """The checkpoint's shapes, with lookups whose errors name the file and the key."""
 
     def __init__(self, shapes: dict[str, Shape], source: str, component: str):
@@ -111,7 +110,7 @@ def _x_encoder(out: dict, prefix: str, dim: int, depth: int, inner: int, ff_inne
     _norm(out, f"{prefix}.norm", dim)
 
 
-def _x_encoder_hparams(s: _Shapes, prefix: str, wrap: str) -> dict:
+def _x_encoder_hparams(s: Shapes, prefix: str, wrap: str) -> dict:
     layers = f"{prefix}.attn_layers.layers"
     n = s.count(rf"{re.escape(layers)}\.(\d+)\.")
     if n == 0 or n % 2:
@@ -127,7 +126,7 @@ def _x_encoder_hparams(s: _Shapes, prefix: str, wrap: str) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # autoregressive: tortoise/models/autoregressive.py UnifiedVoice (+ HF GPT-2)
 # ------------------------------------------------------------------------------------------------------------------
-def _autoregressive_hparams(s: _Shapes, config: dict) -> dict:
+def autoregressive_hparams(s: Shapes, config: dict) -> dict:
     n_text, d = s("text_embedding.weight", 2)
     n_mel = s("mel_embedding.weight", 2)[0]
     mel_pos = s("mel_pos_embedding.emb.weight", 2)[0]
@@ -166,7 +165,7 @@ def _autoregressive_hparams(s: _Shapes, config: dict) -> dict:
     }, config, s.source, s.component)
 
 
-def _autoregressive_keys(hp: dict) -> dict[str, Shape]:
+def autoregressive_keys(hp: dict) -> dict[str, Shape]:
     d, out = hp["model_dim"], {}
     _conv(out, "conditioning_encoder.init", hp["conditioning_spec_dim"], d, 1)
     for i in range(hp["conditioning_num_attn_blocks"]):
@@ -193,33 +192,12 @@ def _autoregressive_keys(hp: dict) -> dict[str, Shape]:
     return out
 
 
-# transformers < 4.31 saved GPT2Attention's causal-mask buffers; UnifiedVoice loads with strict=False and never
-# reads them.
-_GPT2_LEGACY = re.compile(r"gpt\.h\.\d+\.attn\.(bias|masked_bias)$")
-# post_init_gpt2_config registers modules UnifiedVoice already owns a second time (GPT2InferenceModel, whose
-# "text_pos_embedding" is the mel one, and gpt.wte = mel_embedding), so a state dict saved after it holds those
-# tensors twice. Aliases resolve in steps: inference_model.transformer.wte -> gpt.wte -> mel_embedding.
-_AR_ALIASES = (("inference_model.transformer.", "gpt."), ("inference_model.text_pos_embedding.", "mel_pos_embedding."),
-               ("inference_model.embeddings.", "mel_embedding."), ("inference_model.final_norm.", "final_norm."),
-               ("inference_model.lm_head.0.", "final_norm."), ("inference_model.lm_head.1.", "mel_head."),
-               ("gpt.wte.", "mel_embedding."))
-
-
-def _autoregressive_alias(key: str) -> str | None:
-    """The key that ``key`` duplicates, or None when it is no alias."""
-    resolved = key
-    for alias, original in _AR_ALIASES:
-        if resolved.startswith(alias):
-            resolved = original + resolved[len(alias):]
-    return resolved if resolved != key else None
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # diffusion: tortoise/models/diffusion_decoder.py DiffusionTts
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _diffusion_hparams(s: _Shapes, config: dict) -> dict:
+def diffusion_hparams(s: Shapes, config: dict) -> dict:
     c, n_in, _ = s("inp_block.weight", 3)
     buckets, heads = s("code_converter.0.relative_pos_embeddings.relative_attention_bias.weight", 2)
     hp = {"relative_attention_max_distance": 64}  # RelativePositionBias(max_distance=64) in AttentionBlock
@@ -247,7 +225,7 @@ def _resblock(out: dict, prefix: str, c: int) -> None:
     _conv(out, f"{prefix}.out_layers.3", c, c, 3)
 
 
-def _diffusion_keys(hp: dict) -> dict[str, Shape]:
+def diffusion_keys(hp: dict) -> dict[str, Shape]:
     c, heads, nb, out = hp["model_channels"], hp["num_heads"], hp["relative_attention_num_buckets"], {}
 
     def diffusion_layer(prefix):
@@ -288,7 +266,7 @@ def _diffusion_keys(hp: dict) -> dict[str, Shape]:
 _DIM_HEAD = 64  # xtransformers DEFAULT_DIM_HEAD; neither CLVP nor CVVP overrides it
 
 
-def _clvp_hparams(s: _Shapes, config: dict) -> dict:
+def clvp_hparams(s: Shapes, config: dict) -> dict:
     n_text, dim_text = s("text_emb.weight", 2)
     n_speech, dim_speech = s("speech_emb.weight", 2)
     t = _x_encoder_hparams(s, "text_transformer.transformer", ".wrap")
@@ -318,7 +296,7 @@ def _clvp_hparams(s: _Shapes, config: dict) -> dict:
     }, config, s.source, s.component)
 
 
-def _clvp_keys(hp: dict) -> dict[str, Shape]:
+def clvp_keys(hp: dict) -> dict[str, Shape]:
     out = {"temperature": ()}
     out["text_emb.weight"] = (hp["num_text_tokens"], hp["dim_text"])
     _linear(out, "to_text_latent", hp["dim_text"], hp["dim_latent"], bias=False)
@@ -334,7 +312,7 @@ def _clvp_keys(hp: dict) -> dict[str, Shape]:
 # ------------------------------------------------------------------------------------------------------------------
 # cvvp: tortoise/models/cvvp.py CVVP (mel_codes given, as api.py's load_cvvp does)
 # ------------------------------------------------------------------------------------------------------------------
-def _cvvp_hparams(s: _Shapes, config: dict) -> dict:
+def cvvp_hparams(s: Shapes, config: dict) -> dict:
     half, mel_channels, _ = s("cond_emb.0.weight", 3)
     d = s("cond_emb.1.weight", 3)[0]
     c = _x_encoder_hparams(s, "conditioning_transformer.transformer", "")
@@ -356,7 +334,7 @@ def _cvvp_hparams(s: _Shapes, config: dict) -> dict:
     }, config, s.source, s.component)
 
 
-def _cvvp_keys(hp: dict) -> dict[str, Shape]:
+def cvvp_keys(hp: dict) -> dict[str, Shape]:
     d, latent = hp["model_dim"], hp["latent_multiplier"] * hp["model_dim"]
     out = {"temperature": ()}
     _conv(out, "cond_emb.0", hp["mel_channels"], d // 2, 5)
@@ -383,7 +361,7 @@ def _cvvp_keys(hp: dict) -> dict[str, Shape]:
 _KP_RESIDUAL_CONVS = 3  # KernelPredictor always builds 3 residual blocks
 
 
-def _vocoder_hparams(s: _Shapes, config: dict) -> dict:
+def vocoder_hparams(s: Shapes, config: dict) -> dict:
     channel_size, noise_dim, _ = s("conv_pre.weight", 3)
     n_blocks = s.count(r"res_stack\.(\d+)\.")
     strides = [s(f"res_stack.{i}.convt_pre.1.weight", 3)[2] // 2 for i in range(n_blocks)]
@@ -414,7 +392,7 @@ def _vocoder_hparams(s: _Shapes, config: dict) -> dict:
     }, config, s.source, s.component)
 
 
-def _vocoder_keys(hp: dict) -> dict[str, Shape]:
+def vocoder_keys(hp: dict) -> dict[str, Shape]:
     c, hidden, k = hp["channel_size"], hp["kpnet_hidden_channels"], hp["kpnet_conv_size"]
     layers, ck = len(hp["dilations"]), hp["conv_kernel_size"]
     out = {}
@@ -439,14 +417,14 @@ def _vocoder_keys(hp: dict) -> dict[str, Shape]:
 # ------------------------------------------------------------------------------------------------------------------
 # rlg_auto / rlg_diffuser: tortoise/models/random_latent_generator.py RandomLatentConverter
 # ------------------------------------------------------------------------------------------------------------------
-def _rlg_hparams(s: _Shapes, config: dict) -> dict:
+def rlg_hparams(s: Shapes, config: dict) -> dict:
     n = s.count(r"layers\.(\d+)\.")
     hp = {"lr_mul": 0.1, "negative_slope": 0.2}  # EqualLinear(lr_mul=.1), fused_leaky_relu(0.2) * sqrt(2)
     return _settle(hp, {"channels": s("layers.0.weight", 2)[0], "equal_linear_layers": n - 1}, config, s.source,
                    s.component)
 
 
-def _rlg_keys(hp: dict) -> dict[str, Shape]:
+def rlg_keys(hp: dict) -> dict[str, Shape]:
     out = {}
     for i in range(hp["equal_linear_layers"] + 1):
         _linear(out, f"layers.{i}", hp["channels"], hp["channels"])
@@ -456,24 +434,6 @@ def _rlg_keys(hp: dict) -> dict[str, Shape]:
 # ------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------------------------
-_SCHEMAS: dict[str, tuple[Callable, Callable]] = {
-    "autoregressive": (_autoregressive_hparams, _autoregressive_keys),
-    "diffusion": (_diffusion_hparams, _diffusion_keys),
-    "clvp": (_clvp_hparams, _clvp_keys),
-    "cvvp": (_cvvp_hparams, _cvvp_keys),
-    "vocoder": (_vocoder_hparams, _vocoder_keys),
-    "rlg_auto": (_rlg_hparams, _rlg_keys),
-    "rlg_diffuser": (_rlg_hparams, _rlg_keys),
-}
-
-# GPT-2 Conv1D weights, stored (in, out): the converter lays them out (out, in) like every Linear weight.
-CONV1D_TRANSPOSED = re.compile(r"gpt\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-
-# Embedding tables (torch nn.Embedding: token, position and relative-position-bias tables) are gathered by row, never
-# multiplied: every other 2-D weight is a matmul weight, which a CPU may keep in a repacked kernel layout.
-GATHERED = re.compile(r"(^|.*\.)(\w+_emb|\w+_embedding|emb|relative_attention_bias)\.weight$")
-
-
 def weight_norm_pairs(keys, source: str) -> dict[str, tuple[str, str]]:
     """{folded key: (g key, v key)} for every ``x.weight_g`` / ``x.weight_v`` pair; an unpaired half raises."""
     keys = set(keys)
@@ -491,56 +451,10 @@ def weight_norm_pairs(keys, source: str) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def validate(component: str, shapes: dict[str, Shape], source: str, config: dict | None = None):
-    """Check a checkpoint's ``{key: shape}`` (weight norm already folded) against ``component``'s architecture.
-
-    Returns ``(hparams, ignored)``: the hyperparameters, and ``{ignored key: reason}`` for the keys tortoise itself
-    ignores (legacy GPT-2 buffers) or that duplicate another key (``inference_model.*`` aliases; the converter
-    checks their values). Raises CheckpointError naming the file and the first unknown, missing or mis-shaped key.
-    """
-    if component not in _SCHEMAS:
-        raise CheckpointError(f"unknown component {component!r}: expected one of {', '.join(_SCHEMAS)}")
-    shapes = {k: tuple(int(n) for n in v) for k, v in shapes.items()}
-    ignored, kept = {}, {}
-    for k, v in shapes.items():
-        if component == "autoregressive" and _GPT2_LEGACY.match(k):
-            ignored[k] = "legacy GPT-2 attention buffer"
-        elif component == "autoregressive" and (orig := _autoregressive_alias(k)) is not None:
-            if _GPT2_LEGACY.match(orig):
-                ignored[k] = "legacy GPT-2 attention buffer"
-            else:
-                ignored[k] = f"alias of {orig}"
-        else:
-            kept[k] = v
-    for k, why in ignored.items():
-        orig = why[len("alias of "):] if why.startswith("alias of ") else None
-        if orig is not None and (orig not in kept or kept[orig] != shapes[k]):
-            raise CheckpointError(f"{source}: {k!r} should duplicate {orig!r}, which is "
-                                  + ("missing" if orig not in kept else f"shaped {kept[orig]}, not {shapes[k]}"))
-    derive, table = _SCHEMAS[component]
-    hparams = derive(_Shapes(kept, source, component), dict(config or {}))
-    expected = table(hparams)
-    unknown = [k for k in kept if k not in expected]
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise CheckpointError(f"{source}: unknown key {unknown[0]!r}{more}: not part of the {component} model "
-                              f"with {_summary(hparams)}")
-    missing = [k for k in expected if k not in kept]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more} for the {component} model with "
-                              f"{_summary(hparams)}")
-    for k, want in expected.items():
-        if kept[k] != want:
-            raise CheckpointError(f"{source}: key {k!r} has shape {kept[k]}, expected {want} for the {component} "
-                                  f"model with {_summary(hparams)}")
-    return hparams, ignored
-
-
-def _summary(hp: dict, limit: int = 6) -> str:
+def summary(hp: dict, limit: int = 6) -> str:
     """The leading size hyperparameters, to show which architecture a key was checked against."""
     sizes = [f"{k}={v}" for k, v in hp.items() if isinstance(v, int) and not isinstance(v, bool)]
     return ", ".join(sizes[:limit]) + (", ..." if len(sizes) > limit else "")
 
 
-__all__ = ["CheckpointError", "validate", "weight_norm_pairs", "CONV1D_TRANSPOSED", "GATHERED"]
+__all__ = ["CheckpointError", "Shapes", "weight_norm_pairs", "summary"]

@@ -40,6 +40,11 @@ def layer_norm(ctx: Context, x: Tensor, w: Tensor | None, b: Tensor | None, eps:
     return y
 
 
+def to_sequence(ctx: Context, x: Tensor) -> Tensor:
+    """Channel data ne (T, C, B) <-> sequence data ne (C, T, B) (its own inverse)."""
+    return ctx.cont(ctx.transpose(x))
+
+
 def channel_vector(ctx: Context, v: Tensor) -> Tensor:
     """A per-channel vector (C,) as ne (1, C), to broadcast over the time axis of channel data."""
     return ctx.reshape(v, 1, v.ne[0])

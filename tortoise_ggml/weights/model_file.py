@@ -20,9 +20,9 @@ import numpy as np
 import pyggml as pg
 from pyggml.raw import ffi, lib
 
-from .checkpoints import GATHERED
-from .names import (ARCHITECTURE, COMPONENTS, FORMAT_VERSION, MEL_NORMS_TENSOR, VOICE_PARTS, tensor_name,
-                    voice_tensor_name)
+from ..models.config import AudioConfig, Config
+from .names import ARCHITECTURE, FORMAT_VERSION, MEL_NORMS_TENSOR, VOICE_PARTS, tensor_name, voice_tensor_name
+from .registry import REGISTRY
 
 _PER_COMPONENT_INTERNAL = ("keys", "file")  # per-component metadata that is not a hyperparameter
 _AMX_TILE = 32  # ggml-cpu/amx: weights need rows (K) and a row count (N) that are multiples of 32 (supports_op)
@@ -88,6 +88,7 @@ class ModelFile:
         self._ctx = self._matmul_ctx = None
         self.buffer = self.matmul_buffer = None
         self._weights: dict[str, Weights] = {}
+        self._configs: dict[str, Config] = {}
         self._load(self._matmul_layout() if repack else None)
 
     # -- validation ----------------------------------------------------------------------------------------------
@@ -140,14 +141,14 @@ class ModelFile:
         return next((bt for bt in self.backend.extra_buffer_types() if bt.name == "AMX"), None)
 
     @staticmethod
-    def _in_matmul_layout(key: str, rt) -> bool:
-        if int(rt.tensor_type) != lib.GGML_TYPE_Q8_0 or len(rt.shape) != 2 or GATHERED.match(key):
+    def _in_matmul_layout(component: str, key: str, rt) -> bool:
+        if int(rt.tensor_type) != lib.GGML_TYPE_Q8_0 or len(rt.shape) != 2 or REGISTRY[component].is_gathered(key):
             return False
         return all(int(x) % _AMX_TILE == 0 for x in rt.shape)
 
     def _load(self, layout: pg.BufferType | None) -> None:
         plan = [(c, key, rt) for c in self.components for key, rt in self._component_tensors(c)]
-        fast = [layout is not None and self._in_matmul_layout(key, rt) for _, key, rt in plan]
+        fast = [layout is not None and self._in_matmul_layout(c, key, rt) for c, key, rt in plan]
         n_fast = sum(fast)
         n_plain = len(plan) - n_fast
         if n_plain:
@@ -199,15 +200,33 @@ class ModelFile:
         arguments."""
         if component not in self.available_components:
             raise KeyError(f"{self.path} holds no {component!r} (it has {', '.join(self.available_components)})")
-        prefix = f"{ARCHITECTURE}.{component}."
+        return self._group(component)
+
+    def _group(self, name: str) -> dict:
+        prefix = f"{ARCHITECTURE}.{name}."
         return {k[len(prefix):]: v for k, v in self.metadata.items()
                 if k.startswith(prefix) and k[len(prefix):] not in _PER_COMPONENT_INTERNAL}
+
+    def config(self, component: str) -> Config:
+        """The component's typed config (tortoise_ggml.models.config), checked: ConfigError names a missing,
+        mis-typed or out-of-range metadata key."""
+        if component not in self._configs:
+            entry = REGISTRY[component]
+            self._configs[component] = entry.config.from_metadata(self.hparams(component), self.path, component)
+        return self._configs[component]
+
+    @property
+    def audio_config(self) -> AudioConfig:
+        """Sample rates and clip lengths (``tortoise.audio.*``; tortoise's values for files that predate them)."""
+        if "audio" not in self._configs:
+            self._configs["audio"] = AudioConfig.from_metadata(self._group("audio"), self.path)
+        return self._configs["audio"]
 
     def weights(self, component: str) -> Weights:
         try:
             return self._weights[component]
         except KeyError:
-            known = "loaded" if component in COMPONENTS else "a tortoise component"
+            known = "loaded" if component in REGISTRY else "a tortoise component"
             raise KeyError(f"{component!r} is not {known} (loaded: {', '.join(self.components)})") from None
 
     @property

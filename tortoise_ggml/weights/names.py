@@ -1,4 +1,4 @@
-"""Component names, their release checkpoint files, and the GGUF tensor name of each state-dict key.
+"""The GGUF tensor name of each state-dict key (the component prefixes are the registry's).
 
 ggml keeps tensor names in a fixed 64-byte field (63 bytes + NUL) and some Tortoise keys are 94 bytes long, so a
 GGUF tensor name is a short component prefix plus the key with a few abbreviations. Model code never sees these
@@ -6,35 +6,15 @@ names: ``ModelFile.weights(component)[key]`` takes the original key, and the fil
 """
 from __future__ import annotations
 
+from ..models.config import METADATA_ROOT
+from .registry import REGISTRY
+
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME (64) minus the terminating NUL
 
-ARCHITECTURE = "tortoise"  # general.architecture, and the prefix of every metadata key
+ARCHITECTURE = METADATA_ROOT  # general.architecture, and the prefix of every metadata key
 FORMAT_VERSION = 1         # tortoise.format_version: bump when a reader of the old layout would misread a file
 MEL_NORMS_TENSOR = "mel_norms"
 VOICE_PARTS = ("autoregressive", "diffusion")  # the two conditioning latents of a stored voice
-
-# Release order (tortoise/api.py MODELS); also the order of the components in a GGUF file.
-COMPONENTS = ("autoregressive", "diffusion", "clvp", "cvvp", "vocoder", "rlg_auto", "rlg_diffuser")
-
-CHECKPOINT_FILES = {
-    "autoregressive": "autoregressive.pth",
-    "diffusion": "diffusion_decoder.pth",
-    "clvp": "clvp2.pth",
-    "cvvp": "cvvp.pth",
-    "vocoder": "vocoder.pth",
-    "rlg_auto": "rlg_auto.pth",
-    "rlg_diffuser": "rlg_diffuser.pth",
-}
-
-PREFIXES = {
-    "autoregressive": "ar.",
-    "diffusion": "diff.",
-    "clvp": "clvp.",
-    "cvvp": "cvvp.",
-    "vocoder": "voc.",
-    "rlg_auto": "rlg_ar.",
-    "rlg_diffuser": "rlg_diff.",
-}
 
 # Applied in order. Every short form holds a '~', which never occurs in a state-dict key (attribute paths), so a name
 # expands back to exactly one key (``key_from_name``): tensor_name checks that round trip, which makes it injective.
@@ -55,9 +35,9 @@ class TensorNameError(ValueError):
 
 def _prefix(component: str) -> str:
     try:
-        return PREFIXES[component]
+        return REGISTRY[component].prefix
     except KeyError:
-        raise TensorNameError(f"unknown component {component!r}: expected one of {', '.join(COMPONENTS)}") from None
+        raise TensorNameError(f"unknown component {component!r}: expected one of {', '.join(REGISTRY)}") from None
 
 
 def key_from_name(component: str, name: str) -> str:
@@ -93,5 +73,5 @@ def voice_tensor_name(voice: str, part: str) -> str:
     return f"voice.{voice}.{part}"
 
 
-__all__ = ["ARCHITECTURE", "FORMAT_VERSION", "MEL_NORMS_TENSOR", "VOICE_PARTS", "voice_tensor_name", "COMPONENTS", "CHECKPOINT_FILES", "PREFIXES", "ABBREVIATIONS", "MAX_NAME_BYTES", "tensor_name",
-           "key_from_name", "TensorNameError"]
+__all__ = ["ARCHITECTURE", "FORMAT_VERSION", "MEL_NORMS_TENSOR", "VOICE_PARTS", "voice_tensor_name", "ABBREVIATIONS",
+           "MAX_NAME_BYTES", "tensor_name", "key_from_name", "TensorNameError"]

@@ -22,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .checks import as_generator
+
 # frames per FFT batch: bounds the float64 scratch to ~16 MB whatever the clip length
 _STFT_CHUNK = 2048
 # output frames per resampling batch, for the same reason
@@ -37,10 +39,6 @@ def _as_waveform(wav, name: str = "wav", min_dim: int = 1, max_dim: int = 2) -> 
     if arr.shape[-1] == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
-
-
-def _as_rng(rng) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,10 +195,6 @@ def dynamic_range_compression(x, C=1, clip_val=1e-5):
     return np.log(np.maximum(x, clip_val) * C)
 
 
-def dynamic_range_decompression(x, C=1):
-    return np.exp(x) / C
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Windowed real FFT shared by both mel front-ends
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,9 +317,6 @@ class TacotronSTFT:
     def spectral_normalize(self, magnitudes):
         return dynamic_range_compression(magnitudes)
 
-    def spectral_de_normalize(self, magnitudes):
-        return dynamic_range_decompression(magnitudes)
-
     def mel_spectrogram(self, y) -> np.ndarray:
         """(B, N) waveform in [-1, 1] -> float32 (B, n_mel_channels, 1 + N//hop) log-magnitude mels."""
         y = _as_waveform(y, "y", 2, 2)
@@ -339,9 +330,11 @@ class TacotronSTFT:
         return self.spectral_normalize(mel_output).astype(np.float32)
 
 
-def wav_to_univnet_mel(wav, do_normalization: bool = False) -> np.ndarray:
-    """24 kHz waveform (B, N) -> (B, 100, 1 + N//256) log mels, the diffusion model's conditioning input."""
-    stft = TacotronSTFT(1024, 256, 1024, 100, 24000, 0, 12000)
+def wav_to_univnet_mel(wav, do_normalization: bool = False, n_mels: int = 100, sample_rate: int = 24000,
+                       hop_length: int = 256) -> np.ndarray:
+    """24 kHz waveform (B, N) -> (B, n_mels, 1 + N//hop) log mels, the diffusion model's conditioning input
+    (n_mels: the diffusion decoder's in_channels)."""
+    stft = TacotronSTFT(1024, hop_length, 1024, n_mels, sample_rate, 0, sample_rate // 2)
     mel = stft.mel_spectrogram(wav)
     if do_normalization:
         mel = normalize_tacotron_mel(mel)
@@ -435,7 +428,8 @@ def pad_or_truncate(t: np.ndarray, length: int) -> np.ndarray:
 
 
 def format_conditioning(clip, mel_norms, cond_length: int = 132300, rng=None) -> np.ndarray:
-    """A 22.05 kHz voice clip ((time,) or (1, time)) -> float32 (80, 1 + cond_length//256) conditioning mels.
+    """A 22.05 kHz voice clip ((time,) or (1, time)) -> float32 (n_mels, 1 + cond_length//256) conditioning mels
+    (n_mels: one per mel norm, the autoregressive model's conditioning_spec_dim).
 
     Shorter clips are zero-padded at the end; longer ones are cut to a random window of ``cond_length`` samples
     starting at ``rng.integers(0, gap, endpoint=True)``, where tortoise draws ``random.randint(0, gap)`` from
@@ -451,6 +445,7 @@ def format_conditioning(clip, mel_norms, cond_length: int = 132300, rng=None) ->
     if gap < 0:
         clip = np.pad(clip, ((0, 0), (0, -gap)))
     elif gap > 0:
-        rand_start = int(_as_rng(rng).integers(0, gap, endpoint=True))
+        rand_start = int(as_generator(rng).integers(0, gap, endpoint=True))
         clip = clip[:, rand_start:rand_start + cond_length]
-    return TorchMelSpectrogram(mel_norms=mel_norms)(clip)[0]
+    norms = np.asarray(mel_norms, np.float32)
+    return TorchMelSpectrogram(n_mel_channels=norms.shape[-1], mel_norms=norms)(clip)[0]

@@ -1,0 +1,1 @@
+"""Numpy front-ends and samplers, as tortoise/utils: audio, text, sampling (AR logits), diffusion (the sampler)."""
