@@ -85,7 +85,7 @@ class Ours:
         self.be = pg.Backend("cpu", threads=threads)
         self.mf = ModelFile(path, self.be, components=["autoregressive"], repack=not type.endswith("-plain"))
         self.layout = "AMX" if self.mf.matmul_buffer is not None else ""
-        self.uv = UnifiedVoice.from_model_file(self.mf, self.be, kv_cache_type=kv_type)
+        self.uv = UnifiedVoice(self.mf, self.be, kv_cache_type=kv_type)
         self.cond, self.text, self.mel = (inp[k].numpy() for k in ("ar_cond_latent", "text_tokens", "mel_codes"))
         self.max_new = max_new
         self.uv.compute_prefix(self.cond, self.text)

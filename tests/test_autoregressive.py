@@ -34,7 +34,7 @@ def model_file(small_gguf, backend):
 
 @pytest.fixture(scope="module")
 def uv(model_file, backend):
-    return UnifiedVoice.from_model_file(model_file, backend)
+    return UnifiedVoice(model_file, backend)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def our_steps(uv, inputs, codes, mel_positions, batch):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_original_positions_match_reference_cache(oracle, model_file, backend, ref, inputs, batch, fused):
     """Decode steps attend with tortoise-ggml's CPU kernel where it runs, else ggml's flash attention: both."""
-    uv = UnifiedVoice.from_model_file(model_file, backend)
+    uv = UnifiedVoice(model_file, backend)
     uv.inference_model.fused_attention = fused
     codes, expected = ref_cached_steps(oracle, ref, inputs, batch)
     ours = our_steps(uv, inputs, codes, "original", batch)
@@ -185,7 +185,7 @@ def test_decode_fixed_positions_match_reference_without_cache(uv, ref, inputs, b
 
 
 def test_decode_f16_cache(model_file, backend, oracle, ref, inputs):
-    uv16 = UnifiedVoice.from_model_file(model_file, backend, kv_cache_type="f16")
+    uv16 = UnifiedVoice(model_file, backend, kv_cache_type="f16")
     codes, expected = ref_cached_steps(oracle, ref, inputs, 2)
     ours = our_steps(uv16, inputs, codes, "original", 2)
     errs = [max_err(a, b) for a, b in zip(ours, expected)]
@@ -195,7 +195,7 @@ def test_decode_f16_cache(model_file, backend, oracle, ref, inputs):
 
 def test_q8_0_weights(small_gguf_q8, backend, inputs, ref_forward, oracle, ref):
     with ModelFile(small_gguf_q8, backend, components=["autoregressive"]) as mf:
-        uvq = UnifiedVoice.from_model_file(mf, backend)
+        uvq = UnifiedVoice(mf, backend)
         _, _, mel_logits = our_forward(uvq, inputs)
         assert max_err(mel_logits, ref_forward["mel_logits"]) <= Q8_TOL
         codes, expected = ref_cached_steps(oracle, ref, inputs, 2)

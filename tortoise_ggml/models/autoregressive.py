@@ -16,34 +16,22 @@ Layouts follow tortoise_ggml.layers: sequence data ne (model_dim, T, B), channel
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
 
 import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
-from . import layers
-from .arch_util import normalization, qkv_attention_legacy
-from .gpt2 import GPT2Model, LayerNorm
+from ..utils.checks import floats, ids
+from .arch_util import AttentionBlock, Conv1d, Embedding, LayerNorm, Linear, ModuleWeights
+from .base import Model
+from .gpt2 import GPT2Model
 from .kv_cache import KVCache
 
 MEL_POSITIONS = ("fixed", "original")
 
-# GroupNorm32's eps: torch.nn.GroupNorm's default, which arch_util.normalization keeps
-GROUP_NORM_EPS = 1e-5
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # graph helpers
 # ---------------------------------------------------------------------------------------------------------------
-def _input(ctx: Context, feed: dict, array: np.ndarray, type: str) -> Tensor:
-    """A graph input holding ``array`` (numpy order), recorded in ``feed`` for Backend.compute."""
-    t = ctx.new_tensor(type, tuple(reversed(array.shape))).set_input()
-    feed[t] = array
-    return t
-
-
 def _get(t: Tensor) -> np.ndarray:
     """A tensor's data in its full 4-D numpy shape (Tensor.get drops trailing unit dims)."""
     return t.get().reshape(tuple(reversed(t.ne)))
@@ -52,25 +40,6 @@ def _get(t: Tensor) -> np.ndarray:
 def causal_mask(n: int) -> np.ndarray:
     """F16 (n, n) mask for flash attention: query i sees keys 0..i."""
     return np.triu(np.full((n, n), -np.inf, dtype=np.float16), 1)
-
-
-def _ids(x, name: str, limit: int, ndim: int | None = None) -> np.ndarray:
-    """Integer token/position ids, checked against the table they index (ggml would assert)."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integer ids, got dtype {a.dtype}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
-    if a.size and (a.min() < 0 or a.max() >= limit):
-        raise ValueError(f"{name} must lie in [0, {limit}), got values in [{a.min()}, {a.max()}]")
-    return a.astype(np.int32)
-
-
-def _floats(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -82,77 +51,18 @@ def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((lse - picked).mean())
 
 
-class Embedding:
-    """nn.Embedding: rows of the table by id."""
-
-    def __init__(self, weight: Tensor):
-        self.weight = weight
-        self.num_embeddings = weight.ne[1]
-
-    def __call__(self, ctx: Context, ids: Tensor) -> Tensor:
-        """ids I32 ne (T, B) -> ne (dim, T, B)."""
-        t, b = ids.ne[0], ids.ne[1]
-        rows = ctx.get_rows(self.weight, ctx.reshape(ids, t * b))
-        return ctx.reshape(rows, self.weight.ne[0], t, b)
-
-
-class Linear:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
-        self.weight = weights[prefix + ".weight"]
-        self.bias = weights.get(prefix + ".bias")
-
-    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return layers.linear(ctx, x, self.weight, self.bias)
-
-
-class Conv1x1:
-    """nn.Conv1d(kernel_size=1) applied to sequence data ne (C_in, T, B): a Linear over channels."""
-
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
-        w = weights[prefix + ".weight"]
-        if w.ne[0] != 1:
-            raise ValueError(f"{prefix}.weight {w!r} is not a 1x1 convolution")
-        self.weight, self.bias = w, weights[prefix + ".bias"]
-
-    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return layers.linear(ctx, x, ctx.reshape(self.weight, self.weight.ne[1], self.weight.ne[2]), self.bias)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tortoise/models/arch_util.py: the pieces the conditioning encoder uses
-# ---------------------------------------------------------------------------------------------------------------
-class AttentionBlock:
-    """arch_util.AttentionBlock (no relative position bias, no mask) on channel data ne (T, C, B)."""
-
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, channels: int, num_heads: int):
-        self.norm_weight = weights[prefix + ".norm.weight"]
-        self.norm_bias = weights[prefix + ".norm.bias"]
-        self.groups = normalization(channels)
-        self.qkv = Conv1x1(weights, prefix + ".qkv")
-        self.proj_out = Conv1x1(weights, prefix + ".proj_out")
-        self.num_heads = num_heads
-
-    def forward(self, ctx: Context, x: Tensor) -> Tensor:
-        h = layers.group_norm(ctx, x, self.norm_weight, self.norm_bias, self.groups, GROUP_NORM_EPS)
-        qkv = self.qkv(ctx, ctx.cont(ctx.transpose(h)))               # 1x1 convs run on ne (C, T, B)
-        h = self.proj_out(ctx, qkv_attention_legacy(ctx, qkv, self.num_heads))
-        return ctx.add(x, ctx.cont(ctx.transpose(h)))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # tortoise/models/autoregressive.py
 # ---------------------------------------------------------------------------------------------------------------
 class ConditioningEncoder:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, spec_dim: int, embedding_dim: int,
-                 attn_blocks: int, num_attn_heads: int):
-        self.init = weights[prefix + ".init.weight"], weights[prefix + ".init.bias"]
+    def __init__(self, w: ModuleWeights, spec_dim: int, embedding_dim: int, attn_blocks: int, num_attn_heads: int):
+        self.init = Conv1d(w.sub("init"), spec_dim, embedding_dim, 1)
         self.spec_dim, self.dim = spec_dim, embedding_dim
-        self.attn = [AttentionBlock(weights, f"{prefix}.attn.{i}", embedding_dim, num_attn_heads)
-                     for i in range(attn_blocks)]
+        self.attn = [AttentionBlock(w.sub(f"attn.{i}"), embedding_dim, num_attn_heads) for i in range(attn_blocks)]
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
         """x: mels ne (T, spec_dim, B) -> ne (dim, B), frame 0 of the last block (mean=False)."""
-        h = layers.conv1d(ctx, x, *self.init)
+        h = self.init.forward(ctx, x)
         for block in self.attn:
             h = block.forward(ctx, h)
         first = ctx.cont(ctx.view(h, (1, h.ne[1], h.ne[2]), (h.nb[1], h.nb[2])))
@@ -160,19 +70,19 @@ class ConditioningEncoder:
 
 
 class LearnedPositionEmbeddings:
-    def __init__(self, weight: Tensor):
-        self.emb = Embedding(weight)
+    def __init__(self, w: ModuleWeights, seq_len: int, model_dim: int):
+        self.emb = Embedding(w.sub("emb"), seq_len, model_dim)
 
-    def forward(self, ctx: Context, feed: dict, sl: int) -> Tensor:
+    def forward(self, ctx: Context, inputs: pg.Inputs, sl: int) -> Tensor:
         """Positions 0..sl-1 -> ne (dim, sl, 1)."""
-        return self.get_embeddings(ctx, feed, np.arange(sl))
+        return self.get_embeddings(ctx, inputs, np.arange(sl))
 
-    def get_fixed_embedding(self, ctx: Context, feed: dict, ind: int) -> Tensor:
-        return self.get_embeddings(ctx, feed, np.array([ind]))
+    def get_fixed_embedding(self, ctx: Context, inputs: pg.Inputs, ind: int) -> Tensor:
+        return self.get_embeddings(ctx, inputs, np.array([ind]))
 
-    def get_embeddings(self, ctx: Context, feed: dict, positions: np.ndarray) -> Tensor:
-        ids = _ids(positions, "position", self.emb.num_embeddings)
-        return self.emb(ctx, _input(ctx, feed, ids.reshape(1, -1), "i32"))
+    def get_embeddings(self, ctx: Context, inputs: pg.Inputs, positions: np.ndarray) -> Tensor:
+        positions = ids(positions, "position", self.emb.num_embeddings)
+        return self.emb.forward(ctx, inputs.add(positions.reshape(1, -1), "i32"))
 
 
 class GPT2InferenceModel:
@@ -201,7 +111,7 @@ class GPT2InferenceModel:
 
     def store_mel_emb(self, mel_emb: np.ndarray) -> None:
         """The prefix embedding [cond | text], (1, P-1, model_dim)."""
-        mel_emb = _floats(mel_emb, "mel_emb")
+        mel_emb = floats(mel_emb, "mel_emb")
         d = self.transformer.n_embd
         if mel_emb.ndim != 3 or mel_emb.shape[0] != 1 or mel_emb.shape[2] != d:
             raise ValueError(f"mel_emb must have shape (1, P, {d}), got {mel_emb.shape}")
@@ -209,7 +119,7 @@ class GPT2InferenceModel:
 
     def _lm_head(self, ctx: Context, hidden: Tensor) -> Tensor:
         """ln_f (GPT2Model's last op), then lm_head = Sequential(final_norm, mel_head)."""
-        return self.lm_head(ctx, self.final_norm(ctx, self.transformer.ln_f(ctx, hidden)))
+        return self.lm_head.forward(ctx, self.final_norm.forward(ctx, self.transformer.ln_f.forward(ctx, hidden)))
 
     def start(self, start_token: int, num_rows: int, max_new_tokens: int, mel_positions: str = "fixed"
               ) -> np.ndarray:
@@ -241,18 +151,19 @@ class GPT2InferenceModel:
         return np.repeat(logits.reshape(1, -1), num_rows, axis=0)
 
     def _prefill(self, start_token: int, prefix: int) -> np.ndarray:
-        ctx, feed = Context(), {}
-        mel_emb = _input(ctx, feed, self.cached_mel_emb, "f32")                     # ne (d, P-1, 1)
-        start = _input(ctx, feed, _ids([[start_token]], "start_token", self.embeddings.num_embeddings), "i32")
-        start_emb = ctx.add(self.embeddings(ctx, start), self.text_pos_embedding.get_fixed_embedding(ctx, feed, 0))
+        inputs = pg.Inputs(ctx := Context())
+        mel_emb = inputs.add(self.cached_mel_emb, "f32")                             # ne (d, P-1, 1)
+        start = inputs.add(ids([[start_token]], "start_token", self.embeddings.num_embeddings), "i32")
+        start_emb = ctx.add(self.embeddings.forward(ctx, start),
+                            self.text_pos_embedding.get_fixed_embedding(ctx, inputs, 0))
         emb = ctx.concat(mel_emb, start_emb, 1)
-        slots = _input(ctx, feed, np.arange(prefix, dtype=np.int32), "i32")
-        mask = _input(ctx, feed, causal_mask(prefix), "f16")
+        slots = inputs.add(np.arange(prefix, dtype=np.int32), "i32")
+        mask = inputs.add(causal_mask(prefix), "f16")
         writes = []
         hidden = self.transformer.blocks(ctx, emb, mask, self.cache, slots, attend_cache=False, writes=writes)
         last = ctx.view(hidden, (hidden.ne[0], 1, 1), offset=(prefix - 1) * hidden.nb[1])
         logits = self._lm_head(ctx, last)
-        self.backend.compute(Graph(ctx, logits, *writes), feed)
+        self.backend.compute(Graph(ctx, logits, *writes), inputs.feed)
         return logits.get().reshape(-1)
 
     def release(self) -> None:
@@ -278,8 +189,9 @@ class _DecodeStep:
         self.position = ctx.new_tensor("i32", (1, 1)).set_input()
         self.slot = ctx.new_tensor("i32", (1,)).set_input()
         self.mask = ctx.new_tensor("f16", (cache.capacity, 1)).set_input()
-        tok = model.embeddings(ctx, self.tokens)                                   # ne (d, N, 1)
-        emb = ctx.add(ctx.reshape(tok, tok.ne[0], 1, cache.n_rows), model.text_pos_embedding.emb(ctx, self.position))
+        tok = model.embeddings.forward(ctx, self.tokens)                           # ne (d, N, 1)
+        emb = ctx.add(ctx.reshape(tok, tok.ne[0], 1, cache.n_rows),
+                      model.text_pos_embedding.emb.forward(ctx, self.position))
         self.fused = model.fused_attention and gpt.fused_attention_usable(model.backend, cache)
         hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True, fused=self.fused)
         self.logits = model._lm_head(ctx, hidden)                                  # ne (vocab, 1, N)
@@ -295,7 +207,7 @@ class _DecodeStep:
         self.next_slot, self.next_position, self.end = prefix, first_position, end
 
     def __call__(self, next_tokens) -> np.ndarray:
-        tokens = _ids(next_tokens, "next_tokens", self.vocab, ndim=1)
+        tokens = ids(next_tokens, "next_tokens", self.vocab, ndim=1)
         if tokens.shape[0] != self.n_rows:
             raise ValueError(f"decode takes one token per row: {self.n_rows} rows, got {tokens.shape[0]} tokens")
         if self.next_slot >= self.end:
@@ -311,48 +223,37 @@ class _DecodeStep:
         return self.logits.get().reshape(self.n_rows, -1)
 
 
-class UnifiedVoice:
-    """UnifiedVoice from a GGUF's ``autoregressive`` component: ``weights`` (state-dict key -> Tensor) and
-    ``hparams`` (constructor kwargs), on ``backend``."""
+class UnifiedVoice(Model):
+    """UnifiedVoice from a GGUF's ``autoregressive`` component: ``UnifiedVoice(model_file, backend)``."""
 
-    def __init__(self, weights: Mapping[str, Tensor], hparams: Mapping, backend: pg.Backend,
+    component = "autoregressive"
+
+    def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
                  kv_cache_type: str = "f32"):
-        hp = dict(hparams)
-        try:
-            self.number_text_tokens = int(hp["number_text_tokens"])
-            self.start_text_token = int(hp["start_text_token"])
-            self.stop_text_token = int(hp.get("stop_text_token", 0))
-            self.number_mel_codes = int(hp["number_mel_codes"])
-            self.start_mel_token = int(hp["start_mel_token"])
-            self.stop_mel_token = int(hp["stop_mel_token"])
-            self.layers = int(hp["layers"])
-            self.heads = int(hp["heads"])
-            self.max_mel_tokens = int(hp["max_mel_tokens"])
-            self.max_text_tokens = int(hp["max_text_tokens"])
-            self.model_dim = int(hp["model_dim"])
-            self.mel_length_compression = int(hp["mel_length_compression"])
-            self.layer_norm_epsilon = float(hp["layer_norm_epsilon"])
-            spec_dim = int(hp["conditioning_spec_dim"])
-            cond_blocks = int(hp["conditioning_num_attn_blocks"])
-            cond_heads = int(hp["conditioning_num_attn_heads"])
-        except KeyError as e:
-            raise KeyError(f"autoregressive hparams lack {e.args[0]!r}") from None
-        self.backend = backend
-        self.conditioning_encoder = ConditioningEncoder(weights, "conditioning_encoder", spec_dim, self.model_dim,
-                                                        cond_blocks, cond_heads)
-        self.text_embedding = Embedding(weights["text_embedding.weight"])
-        self.mel_embedding = Embedding(weights["mel_embedding.weight"])
-        self.gpt = GPT2Model(weights, "gpt", self.layers, self.model_dim, self.heads, self.layer_norm_epsilon)
-        self.mel_pos_embedding = LearnedPositionEmbeddings(weights["mel_pos_embedding.emb.weight"])
-        self.text_pos_embedding = LearnedPositionEmbeddings(weights["text_pos_embedding.emb.weight"])
-        self.final_norm = LayerNorm(weights, "final_norm", self.layer_norm_epsilon)
-        self.text_head = Linear(weights, "text_head")
-        self.mel_head = Linear(weights, "mel_head")
+        super().__init__(model_file, backend, component)
+        cfg, w = self.config, self.weights
+        self.number_text_tokens = cfg.number_text_tokens
+        self.start_text_token, self.stop_text_token = cfg.start_text_token, cfg.stop_text_token
+        self.number_mel_codes = cfg.number_mel_codes
+        self.start_mel_token, self.stop_mel_token = cfg.start_mel_token, cfg.stop_mel_token
+        self.layers, self.heads, self.model_dim = cfg.layers, cfg.heads, cfg.model_dim
+        self.max_mel_tokens, self.max_text_tokens = cfg.max_mel_tokens, cfg.max_text_tokens
+        self.mel_length_compression = cfg.mel_length_compression
+        self.layer_norm_epsilon = eps = cfg.layer_norm_epsilon
+        d = self.model_dim
+        self.conditioning_encoder = ConditioningEncoder(w.sub("conditioning_encoder"), cfg.conditioning_spec_dim, d,
+                                                        cfg.conditioning_num_attn_blocks,
+                                                        cfg.conditioning_num_attn_heads)
+        self.text_embedding = Embedding(w.sub("text_embedding"), cfg.text_vocab, d)
+        self.mel_embedding = Embedding(w.sub("mel_embedding"), cfg.number_mel_codes, d)
+        self.gpt = GPT2Model(w.sub("gpt"), self.layers, d, self.heads, eps)
+        self.mel_pos_embedding = LearnedPositionEmbeddings(
+            w.sub("mel_pos_embedding"), cfg.max_mel_tokens + 2 + cfg.max_conditioning_inputs, d)
+        self.text_pos_embedding = LearnedPositionEmbeddings(w.sub("text_pos_embedding"), cfg.max_text_tokens + 2, d)
+        self.final_norm = LayerNorm(w.sub("final_norm"), d, eps)
+        self.text_head = Linear(w.sub("text_head"), d, cfg.text_vocab)
+        self.mel_head = Linear(w.sub("mel_head"), d, cfg.number_mel_codes)
         self.post_init_gpt2_config(kv_cache_type)
-
-    @classmethod
-    def from_model_file(cls, mf, backend: pg.Backend, kv_cache_type: str = "f32") -> "UnifiedVoice":
-        return cls(mf.weights("autoregressive"), mf.hparams("autoregressive"), backend, kv_cache_type)
 
     def post_init_gpt2_config(self, kv_cache_type: str = "f32") -> None:
         self.inference_model = GPT2InferenceModel(self.backend, self.gpt, self.mel_pos_embedding,
@@ -376,15 +277,15 @@ class UnifiedVoice:
         return mel_input_tokens
 
     def _text_ids(self, text_inputs, name="text_inputs") -> np.ndarray:
-        ids = _ids(text_inputs, name, self.text_embedding.num_embeddings)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2:
-            raise ValueError(f"{name} must have shape (B, T) or (T,), got {ids.shape}")
-        return ids
+        text = ids(text_inputs, name, self.text_embedding.num_embeddings)
+        if text.ndim == 1:
+            text = text[None]
+        if text.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T) or (T,), got {text.shape}")
+        return text
 
     def _cond_latent(self, latent, batch: int) -> np.ndarray:
-        lat = _floats(latent, "speech_conditioning_latent")
+        lat = floats(latent, "speech_conditioning_latent")
         if lat.ndim == 1:
             lat = lat[None]
         if lat.ndim != 2 or lat.shape[1] != self.model_dim:
@@ -393,17 +294,17 @@ class UnifiedVoice:
             raise ValueError(f"speech_conditioning_latent has batch {lat.shape[0]}, the text {batch}")
         return lat
 
-    def _embed(self, ctx: Context, feed: dict, embedding: Embedding, pos: LearnedPositionEmbeddings,
-               ids: np.ndarray) -> Tensor:
-        """embedding(ids) + pos_embedding(ids): ids (B, T) -> ne (d, T, B)."""
-        tok = embedding(ctx, _input(ctx, feed, ids, "i32"))
-        return ctx.add(tok, pos.forward(ctx, feed, ids.shape[1]))
+    def _embed(self, ctx: Context, inputs: pg.Inputs, embedding: Embedding, pos: LearnedPositionEmbeddings,
+               tokens: np.ndarray) -> Tensor:
+        """embedding(tokens) + pos_embedding(positions): tokens (B, T) -> ne (d, T, B)."""
+        tok = embedding.forward(ctx, inputs.add(tokens, "i32"))
+        return ctx.add(tok, pos.forward(ctx, inputs, tokens.shape[1]))
 
     # -- conditioning ---------------------------------------------------------------------------------------------
     def get_conditioning(self, speech_conditioning_input) -> np.ndarray:
         """Conditioning mels (B, n_clips, 80, T) or (B, 80, T) -> latent (B, model_dim): the encoder's frame 0 of
         each clip, averaged over clips."""
-        x = _floats(speech_conditioning_input, "speech_conditioning_input")
+        x = floats(speech_conditioning_input, "speech_conditioning_input", finite=False, allow_empty=True)
         if x.ndim == 3:
             x = x[:, None]
         enc = self.conditioning_encoder
@@ -411,29 +312,28 @@ class UnifiedVoice:
             raise ValueError(f"conditioning mels must have shape (B, n_clips, {enc.spec_dim}, T) or "
                              f"(B, {enc.spec_dim}, T), got {np.shape(speech_conditioning_input)}")
         b, n = x.shape[:2]
-        ctx, feed = Context(), {}
-        mels = _input(ctx, feed, x.reshape(b * n, x.shape[2], x.shape[3]), "f32")   # clips as batch rows
-        out = enc.forward(ctx, mels)
-        self.backend.compute(Graph(ctx, out), feed)
+        inputs = pg.Inputs(ctx := Context())
+        mels = inputs.add(x.reshape(b * n, x.shape[2], x.shape[3]), "f32")          # clips as batch rows
+        out, = self.compute(enc.forward(ctx, mels), inputs=inputs)
         conds = out.get().reshape(b, n, enc.dim)
         return conds.mean(axis=1, dtype=np.float32)
 
     # -- teacher-forced pass --------------------------------------------------------------------------------------
-    def get_logits(self, ctx: Context, feed: dict, speech_conditioning_inputs: Tensor, first_inputs: Tensor,
+    def get_logits(self, ctx: Context, inputs: pg.Inputs, speech_conditioning_inputs: Tensor, first_inputs: Tensor,
                    first_head: Linear, second_inputs: Tensor, second_head: Linear, return_latent: bool = False):
         """Graph of the reference's get_logits (second_inputs given): embeddings ne (d, T, B) in; logits
         ne (vocab, T_i, B) or latents ne (d, T_i, B) out, for the first and second segments."""
         emb = ctx.concat(ctx.concat(speech_conditioning_inputs, first_inputs, 1), second_inputs, 1)
         n_cond, n_first, n_second = speech_conditioning_inputs.ne[1], first_inputs.ne[1], second_inputs.ne[1]
-        mask = _input(ctx, feed, causal_mask(emb.ne[1]), "f16")
-        enc = self.final_norm(ctx, self.gpt.forward(ctx, emb, mask))
+        mask = inputs.add(causal_mask(emb.ne[1]), "f16")
+        enc = self.final_norm.forward(ctx, self.gpt.forward(ctx, emb, mask))
         d, nb1, nb2 = enc.ne[0], enc.nb[1], enc.nb[2]
         # enc[:, 1:] drops the position that only sees the conditioning latent
         first = ctx.view(enc, (d, n_first, enc.ne[2]), (nb1, nb2), n_cond * nb1)
         second = ctx.view(enc, (d, n_second, enc.ne[2]), (nb1, nb2), (enc.ne[1] - n_second) * nb1)
         if return_latent:
             return first, second
-        return first_head(ctx, first), second_head(ctx, second)
+        return first_head.forward(ctx, first), second_head.forward(ctx, second)
 
     def forward(self, speech_conditioning_latent, text_inputs, text_lengths, mel_codes, wav_lengths,
                 return_latent: bool = False, clip_inputs: bool = True):
@@ -441,7 +341,7 @@ class UnifiedVoice:
         or with return_latent the latents (B, M, model_dim). ``text_logits`` (B, 256, T+2) of the last call are
         kept in ``self.text_logits``."""
         text_inputs = self._text_ids(text_inputs)
-        mel_codes = _ids(mel_codes, "mel_codes", self.mel_embedding.num_embeddings, ndim=2)
+        mel_codes = ids(mel_codes, "mel_codes", self.mel_embedding.num_embeddings, ndim=2)
         text_lengths = np.asarray(text_lengths).reshape(-1)
         wav_lengths = np.asarray(wav_lengths).reshape(-1)
         b = text_inputs.shape[0]
@@ -463,22 +363,22 @@ class UnifiedVoice:
                                                                           self.stop_text_token)
         mel_codes, mel_targets = self.build_aligned_inputs_and_targets(mel_codes, self.start_mel_token,
                                                                        self.stop_mel_token)
-        for name, ids, table in (("text", text_inputs, self.text_pos_embedding),
-                                 ("mel", mel_codes, self.mel_pos_embedding)):
-            if ids.shape[1] > table.emb.num_embeddings:
-                raise ValueError(f"{ids.shape[1]} {name} tokens (with start/stop) exceed the "
+        for name, tokens, table in (("text", text_inputs, self.text_pos_embedding),
+                                    ("mel", mel_codes, self.mel_pos_embedding)):
+            if tokens.shape[1] > table.emb.num_embeddings:
+                raise ValueError(f"{tokens.shape[1]} {name} tokens (with start/stop) exceed the "
                                  f"{table.emb.num_embeddings} learned {name} positions")
-        ctx, feed = Context(), {}
-        conds = _input(ctx, feed, conds_np[:, None, :], "f32")                       # ne (d, 1, B)
-        text_emb = self._embed(ctx, feed, self.text_embedding, self.text_pos_embedding, text_inputs)
-        mel_emb = self._embed(ctx, feed, self.mel_embedding, self.mel_pos_embedding, mel_codes)
-        text_out, mel_out = self.get_logits(ctx, feed, conds, text_emb, self.text_head, mel_emb, self.mel_head,
+        inputs = pg.Inputs(ctx := Context())
+        conds = inputs.add(conds_np[:, None, :], "f32")                               # ne (d, 1, B)
+        text_emb = self._embed(ctx, inputs, self.text_embedding, self.text_pos_embedding, text_inputs)
+        mel_emb = self._embed(ctx, inputs, self.mel_embedding, self.mel_pos_embedding, mel_codes)
+        text_out, mel_out = self.get_logits(ctx, inputs, conds, text_emb, self.text_head, mel_emb, self.mel_head,
                                             return_latent=return_latent)
         if return_latent:
             latents = ctx.cont(ctx.view(mel_out, (mel_out.ne[0], mel_out.ne[1] - 2, b), mel_out.nb[1:3]))
-            self.backend.compute(Graph(ctx, latents), feed)
+            self.compute(latents, inputs=inputs)
             return _get(latents)[0]  # the two positions this pass added (start/stop) stripped
-        self.backend.compute(Graph(ctx, text_out, mel_out), feed)
+        self.compute(text_out, mel_out, inputs=inputs)
         text_logits = _get(text_out)[0].transpose(0, 2, 1)
         mel_logits = _get(mel_out)[0].transpose(0, 2, 1)
         self.text_logits = text_logits
@@ -500,9 +400,9 @@ class UnifiedVoice:
             raise ValueError(f"{text_inputs.shape[1]} text tokens (with start/stop) exceed the "
                              f"{self.text_pos_embedding.emb.num_embeddings} learned text positions")
         conds = self._cond_latent(speech_conditioning_latent, 1)
-        ctx, feed = Context(), {}
-        text_emb = self._embed(ctx, feed, self.text_embedding, self.text_pos_embedding, text_inputs)
-        self.backend.compute(Graph(ctx, text_emb), feed)
+        inputs = pg.Inputs(ctx := Context())
+        text_emb = self._embed(ctx, inputs, self.text_embedding, self.text_pos_embedding, text_inputs)
+        self.compute(text_emb, inputs=inputs)
         emb = np.concatenate([conds[:, None, :], _get(text_emb)[0]], axis=1)
         self.inference_model.store_mel_emb(emb)
         fake_inputs = np.full((1, emb.shape[1] + 1), 1, dtype=np.int64)

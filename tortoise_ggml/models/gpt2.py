@@ -7,42 +7,26 @@ The weights are the converter's: every Conv1D weight is stored (out, in) like a 
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 from pyggml import Context, Tensor
 
 from .. import kernels
 from . import layers
+from .arch_util import LayerNorm, Linear, ModuleWeights
 from .kv_cache import KVCache
 
 
-class Conv1D:
-    """GPT-2's Conv1D (a Linear with its weight stored transposed; the converter undid that)."""
-
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
-        self.weight = weights[prefix + ".weight"]
-        self.bias = weights[prefix + ".bias"]
-
-    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return layers.linear(ctx, x, self.weight, self.bias)
-
-
-class LayerNorm:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, eps: float):
-        self.weight = weights[prefix + ".weight"]
-        self.bias = weights[prefix + ".bias"]
-        self.eps = eps
-
-    def __call__(self, ctx: Context, x: Tensor) -> Tensor:
-        return layers.layer_norm(ctx, x, self.weight, self.bias, self.eps)
+def Conv1D(w: ModuleWeights, nx: int, nf: int) -> Linear:
+    """GPT-2's Conv1D(nf, nx): a Linear whose weight torch stores transposed; the converter stored it (nf, nx)."""
+    return Linear(w, nx, nf)
 
 
 class GPT2Attention:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, n_embd: int, n_head: int):
+    def __init__(self, w: ModuleWeights, n_embd: int, n_head: int):
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
-        self.c_attn = Conv1D(weights, prefix + ".c_attn")
-        self.c_proj = Conv1D(weights, prefix + ".c_proj")
+        self.c_attn = Conv1D(w.sub("c_attn"), n_embd, 3 * n_embd)
+        self.c_proj = Conv1D(w.sub("c_proj"), n_embd, n_embd)
         self.n_embd, self.n_head = n_embd, n_head
         self.head_dim = n_embd // n_head
 
@@ -60,7 +44,7 @@ class GPT2Attention:
         """Causal self-attention. ``mask``: F16 ne (T_kv, T) of 0 / -inf. With ``layer_past`` the new keys and
         values are written to the cache; queries attend to the whole cache when ``layer_past.attend_cache``
         (decode), else to this call's keys and values (prefill)."""
-        qkv = self.c_attn(ctx, hidden_states)
+        qkv = self.c_attn.forward(ctx, hidden_states)
         query = self._split(ctx, qkv, 0, heads=True)
         key = self._split(ctx, qkv, 1, heads=True)
         value = self._split(ctx, qkv, 2, heads=True)
@@ -71,35 +55,35 @@ class GPT2Attention:
                 key, value = k_all, v_all
                 if layer_past.fused:  # one query per row: tortoise-ggml's CPU kernel reads the cache in order
                     out = kernels.attend_cache(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
-                    return self.c_proj(ctx, ctx.reshape(out, self.n_embd, 1, out.ne[3]))
+                    return self.c_proj.forward(ctx, ctx.reshape(out, self.n_embd, 1, out.ne[3]))
             else:
                 layer_past.writes += [k_all, v_all]
         attn_output = layers.attention(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
-        return self.c_proj(ctx, attn_output)
+        return self.c_proj.forward(ctx, attn_output)
 
 
 class GPT2MLP:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str):
-        self.c_fc = Conv1D(weights, prefix + ".c_fc")
-        self.c_proj = Conv1D(weights, prefix + ".c_proj")
+    def __init__(self, w: ModuleWeights, n_embd: int, intermediate_size: int):
+        self.c_fc = Conv1D(w.sub("c_fc"), n_embd, intermediate_size)
+        self.c_proj = Conv1D(w.sub("c_proj"), intermediate_size, n_embd)
 
     def forward(self, ctx: Context, hidden_states: Tensor) -> Tensor:
         # GPT-2's gelu_new is ggml_gelu: this project's ggml computes it exactly (vendor/ggml/patches/0002)
-        return self.c_proj(ctx, ctx.gelu(self.c_fc(ctx, hidden_states)))
+        return self.c_proj.forward(ctx, ctx.gelu(self.c_fc.forward(ctx, hidden_states)))
 
 
 class GPT2Block:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, n_embd: int, n_head: int, eps: float):
-        self.ln_1 = LayerNorm(weights, prefix + ".ln_1", eps)
-        self.attn = GPT2Attention(weights, prefix + ".attn", n_embd, n_head)
-        self.ln_2 = LayerNorm(weights, prefix + ".ln_2", eps)
-        self.mlp = GPT2MLP(weights, prefix + ".mlp")
+    def __init__(self, w: ModuleWeights, n_embd: int, n_head: int, eps: float):
+        self.ln_1 = LayerNorm(w.sub("ln_1"), n_embd, eps)
+        self.attn = GPT2Attention(w.sub("attn"), n_embd, n_head)
+        self.ln_2 = LayerNorm(w.sub("ln_2"), n_embd, eps)
+        self.mlp = GPT2MLP(w.sub("mlp"), n_embd, 4 * n_embd)
 
     def forward(self, ctx: Context, hidden_states: Tensor, mask: Tensor, layer_past: "LayerPast | None" = None
                 ) -> Tensor:
-        attn_output = self.attn.forward(ctx, self.ln_1(ctx, hidden_states), mask, layer_past)
+        attn_output = self.attn.forward(ctx, self.ln_1.forward(ctx, hidden_states), mask, layer_past)
         hidden_states = ctx.add(attn_output, hidden_states)
-        feed_forward_hidden_states = self.mlp.forward(ctx, self.ln_2(ctx, hidden_states))
+        feed_forward_hidden_states = self.mlp.forward(ctx, self.ln_2.forward(ctx, hidden_states))
         return ctx.add(hidden_states, feed_forward_hidden_states)
 
 
@@ -115,11 +99,10 @@ class LayerPast:
 
 
 class GPT2Model:
-    def __init__(self, weights: Mapping[str, Tensor], prefix: str, n_layer: int, n_embd: int, n_head: int,
-                 layer_norm_epsilon: float):
+    def __init__(self, w: ModuleWeights, n_layer: int, n_embd: int, n_head: int, layer_norm_epsilon: float):
         self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
-        self.h = [GPT2Block(weights, f"{prefix}.h.{i}", n_embd, n_head, layer_norm_epsilon) for i in range(n_layer)]
-        self.ln_f = LayerNorm(weights, prefix + ".ln_f", layer_norm_epsilon)
+        self.h = [GPT2Block(w.sub(f"h.{i}"), n_embd, n_head, layer_norm_epsilon) for i in range(n_layer)]
+        self.ln_f = LayerNorm(w.sub("ln_f"), n_embd, layer_norm_epsilon)
 
     def blocks(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor, cache: KVCache | None = None,
                slots: Tensor | None = None, attend_cache: bool = False, writes: list | None = None,
@@ -142,4 +125,4 @@ class GPT2Model:
 
     def forward(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor) -> Tensor:
         """last_hidden_state of GPT2Model(inputs_embeds=...) without a cache."""
-        return self.ln_f(ctx, self.blocks(ctx, inputs_embeds, mask))
+        return self.ln_f.forward(ctx, self.blocks(ctx, inputs_embeds, mask))
