@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile the ggml CUDA sources that vendor/ggml/patches change, with nvcc for sm_90, on a machine without a GPU.
 # CI cannot run CUDA, but it can prove that the patched kernels still build against the pinned ggml: the runtime
-# check is tests/test_cuda_concat.py, run where a GPU is present.
+# check is tests/pyggml/test_cuda_concat.py, run where a GPU is present.
 #
 # Needs: python3 with pip, and nvcc 13 (PATH, $NVCC or /usr/local/cuda); without nvcc, the CUDA 13.0 compiler
 # wheels are installed into the cache. cuBLAS headers (ggml-cuda's common.cuh includes cublas_v2.h) come from the

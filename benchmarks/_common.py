@@ -32,6 +32,7 @@ def full_size_model(component: str, types) -> tuple[str, dict[str, str]]:
     classes), and its GGUF per storage type; both made once into the user cache."""
     sys.path.insert(0, TESTS)
     from reference import oracle, shim
+
     from tortoise_ggml.convert import convert
     cache = os.path.join(shim.cache_dir(), f"bench_{component}")
     ckpt = os.path.join(cache, "ckpt_full")

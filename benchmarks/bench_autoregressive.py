@@ -35,6 +35,7 @@ N_CODES = 108
 
 def prepare(cache: str, types: list[str]) -> dict[str, str]:
     from reference import oracle
+
     from tortoise_ggml.convert import convert
     ckpt = os.path.join(cache, "ckpt_full")
     if not os.path.isfile(os.path.join(ckpt, "autoregressive.pth")):
@@ -79,8 +80,8 @@ class Reference:
 class Ours:
     def __init__(self, path: str, inp: dict, threads: int, max_new: int, kv_type: str, type: str):
         import pyggml as pg
-        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.autoregressive import UnifiedVoice
+        from tortoise_ggml.weights.model_file import ModelFile
         self.label = f"ours {type}"
         self.be = pg.Backend("cpu", threads=threads)
         self.mf = ModelFile(path, self.be, components=["autoregressive"], repack=not type.endswith("-plain"))
@@ -145,8 +146,8 @@ def main():
     types = [t for t in a.types.split(",") if t]
     batches = [int(b) for b in a.batches.split(",") if b]
 
-    from reference import oracle
     import torch
+    from reference import oracle
     paths = prepare(a.cache, sorted({t.split("-")[0] for t in types}))
     inp = oracle.make_inputs("full", n_codes=N_CODES)
     prefix = inp["text_tokens"].shape[1] + 4

@@ -18,9 +18,7 @@ import sys
 import tempfile
 
 import numpy as np
-
 from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child, timed_runs
-
 
 
 def _child(a) -> None:
@@ -29,8 +27,8 @@ def _child(a) -> None:
     codes = np.load(os.path.join(a.workdir, "codes.npy"))
     out = {}
     if a.child == "ours":
-        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.clvp import CLVP
+        from tortoise_ggml.weights.model_file import ModelFile
         be = child_backend(a)
         clvp = CLVP(ModelFile(a.gguf, be, components=["clvp"]), be, max_batch=a.max_batch)
         out["weights_mb"] = clvp.model_file.nbytes / 2**20
@@ -39,8 +37,8 @@ def _child(a) -> None:
             return clvp.forward(t, c)
     else:
         sys.path.insert(0, TESTS)
-        from reference import oracle
         import torch
+        from reference import oracle
         torch.set_num_threads(a.threads)
         ref = oracle.load("clvp", "full", ckpt=a.ckpt)
 

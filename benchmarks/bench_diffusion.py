@@ -19,9 +19,7 @@ import sys
 import tempfile
 
 import numpy as np
-
-from _common import (HERE, TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child,
-                     timed_runs)
+from _common import HERE, TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child, timed_runs
 
 TIMESTEP = 500
 
@@ -40,8 +38,8 @@ def _child(a) -> None:
     length = x.shape[-1]
     res = {}
     if a.child == "ours":
-        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.diffusion_decoder import DiffusionTts
+        from tortoise_ggml.weights.model_file import ModelFile
         be = child_backend(a)
         model = DiffusionTts(ModelFile(a.gguf, be, components=["diffusion"]), be)
         res["weights_mb"] = model.model_file.nbytes / 2**20
@@ -56,8 +54,8 @@ def _child(a) -> None:
             return both
     else:
         sys.path.insert(0, TESTS)
-        from reference import oracle
         import torch
+        from reference import oracle
         torch.set_num_threads(a.threads)
         ref = oracle.load("diffusion", "full", ckpt=a.ckpt)
         t = torch.tensor([TIMESTEP])

@@ -15,7 +15,6 @@ import sys
 import tempfile
 
 import numpy as np
-
 from _common import TESTS, add_child_args, child_backend, full_size_model, peak_rss_mb, run_child, timed_runs
 
 SAMPLE_RATE, HOP = 24000, 256
@@ -28,8 +27,8 @@ def _child(a) -> None:
     warm_frames = SAMPLE_RATE // HOP
     out = {}
     if a.child == "ours":
-        from tortoise_ggml.weights.model_file import ModelFile
         from tortoise_ggml.models.vocoder import UnivNetGenerator
+        from tortoise_ggml.weights.model_file import ModelFile
         be = child_backend(a)
         voc = UnivNetGenerator(ModelFile(a.gguf, be, components=["vocoder"]), be)
         out["weights_mb"] = voc.model_file.nbytes / 2**20
@@ -38,8 +37,8 @@ def _child(a) -> None:
             return voc.inference(m, zz)
     else:
         sys.path.insert(0, TESTS)
-        from reference import oracle
         import torch
+        from reference import oracle
         torch.set_num_threads(a.threads)
         ref = oracle.load("vocoder", "full", ckpt=a.ckpt)
 

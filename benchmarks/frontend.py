@@ -15,16 +15,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from reference import oracle  # noqa: E402  (installs the torchaudio stand-in, imports torch + tortoise)
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from reference import oracle  # noqa: E402  (installs the torchaudio stand-in, imports torch + tortoise)
 
 import pyggml as pg  # noqa: E402
-from tortoise_ggml.utils import audio, text  # noqa: E402
 from tortoise_ggml.convert import convert  # noqa: E402
-from tortoise_ggml.weights.model_file import ModelFile  # noqa: E402
 from tortoise_ggml.models.random_latent_generator import RandomLatentConverter  # noqa: E402
+from tortoise_ggml.utils import audio, text  # noqa: E402
+from tortoise_ggml.weights.model_file import ModelFile  # noqa: E402
 
 
 def _median_s(fn, iters):
@@ -52,11 +51,11 @@ def main():
     torch.set_num_threads(a.threads)
     be = pg.Backend(a.backend, threads=a.threads) if a.backend == "cpu" else pg.Backend(a.backend)
 
+    from torchaudio.functional import resample
     from tortoise.api import format_conditioning, pad_or_truncate
     from tortoise.models.arch_util import TorchMelSpectrogram
     from tortoise.utils.audio import wav_to_univnet_mel
     from tortoise.utils.tokenizer import VoiceBpeTokenizer
-    from torchaudio.functional import resample
 
     rows = []
 

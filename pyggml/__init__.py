@@ -11,17 +11,29 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 from . import log  # noqa: E402
-from .backend import (Backend, Buffer, BufferType, Device, GraphAllocator, RawBuffer, backend_names, commit, cuda_available,
-                      cuda_device_count, devices, version)
+from .backend import (
+                      Backend,
+                      Buffer,
+                      BufferType,
+                      Device,
+                      GraphAllocator,
+                      backend_names,
+                      commit,
+                      cuda_available,
+                      cuda_device_count,
+                      devices,
+                      version,
+)
 from .context import Context
+from .dtypes import Type
 from .errors import BackendUnavailable, GGMLError, OutOfContextMemory, ShapeError
 from .graph import CachedGraph, Graph, Inputs
 from .raw import HAS_CUDA
 from .tensor import Tensor
-from .dtypes import Type
 
 log.install()
 
-__all__ = ["Backend", "Buffer", "BufferType", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
-           "cuda_available", "cuda_device_count", "version", "commit", "Context", "Graph", "Inputs", "CachedGraph", "Tensor", "Type",
+__all__ = ["Backend", "Buffer", "BufferType", "GraphAllocator", "Device", "devices", "backend_names",
+           "cuda_available", "cuda_device_count", "version", "commit", "Context", "Graph", "Inputs", "CachedGraph",
+           "Tensor", "Type",
            "GGMLError", "ShapeError", "BackendUnavailable", "OutOfContextMemory", "HAS_CUDA", "log"]

@@ -56,7 +56,8 @@ def preprocess(include_dir: Path, headers: list[str], cc: str) -> str:
 def integer_defines(include_dir: Path, headers: list[str]) -> list[str]:
     """Names of the headers' object-like macros with an integer value, for `#define NAME ...` in the cdef."""
     names = []
-    number = re.compile(r"^\(?\s*-?\s*(0x[0-9a-fA-F]+|\d+)[uUlL]*\s*\)?(\s*(<<|\||\*|\+)\s*\(?-?(0x[0-9a-fA-F]+|\d+)\)?)*$")
+    number = re.compile(r"^\(?\s*-?\s*(0x[0-9a-fA-F]+|\d+)[uUlL]*\s*\)?"
+                        r"(\s*(<<|\||\*|\+)\s*\(?-?(0x[0-9a-fA-F]+|\d+)\)?)*$")
     for h in headers:
         for line in (include_dir / h).read_text().splitlines():
             m = re.match(r"\s*#\s*define\s+([A-Z][A-Z0-9_]*)\s+(.+?)\s*(//.*|/\*.*)?$", line)

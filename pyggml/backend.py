@@ -254,10 +254,6 @@ class Backend:
             out.append(BufferType(arr[len(out)]))
         return out
 
-    def alloc_buffer(self, size: int) -> "RawBuffer":
-        """An empty buffer of ``size`` bytes in this backend's default memory (for tensor allocators)."""
-        return RawBuffer(self, size)
-
     @property
     def allocator(self) -> GraphAllocator:
         if self._allocator is None:
@@ -311,9 +307,6 @@ class Backend:
             raise GGMLError(f"{self.name}: graph compute failed with status {status}")
         return graph
 
-    def synchronize(self) -> None:
-        lib.ggml_backend_synchronize(self.ptr)
-
     def close(self) -> None:
         if self._allocator is not None:
             self._allocator.free()
@@ -332,28 +325,6 @@ class Backend:
         self.close()
 
 
-class RawBuffer(Buffer):
-    """A backend buffer not tied to a context; place tensors in it with ``place``."""
-
-    def __init__(self, backend: Backend, size: int):
-        ptr = lib.ggml_backend_alloc_buffer(backend.ptr, int(size))
-        if ptr == ffi.NULL:
-            raise MemoryError(f"{backend.name}: could not allocate {size} bytes")
-        super().__init__(ptr, backend, None)
-        self._talloc = lib.ggml_tallocr_new(ptr)
-
-    def place(self, t: Tensor) -> Tensor:
-        """Give ``t`` memory from this buffer (like ggml_tallocr_alloc)."""
-        need = lib.ggml_backend_buffer_get_alloc_size(self.ptr, t.ptr)
-        used = int(self._talloc.offset)
-        if used + need > self.size:
-            raise MemoryError(f"{t!r} needs {need} bytes, {self.size - used} left in the buffer")
-        status = lib.ggml_tallocr_alloc(ffi.addressof(self._talloc), t.ptr)
-        if status != lib.GGML_STATUS_SUCCESS:
-            raise GGMLError(f"could not place {t!r} in the buffer (status {status})")
-        return t
-
-
 def version() -> str:
     return string(lib.ggml_version())
 
@@ -362,5 +333,5 @@ def commit() -> str:
     return string(lib.ggml_commit())
 
 
-__all__ = ["Backend", "Buffer", "BufferType", "RawBuffer", "GraphAllocator", "Device", "devices", "backend_names",
+__all__ = ["Backend", "Buffer", "BufferType", "GraphAllocator", "Device", "devices", "backend_names",
            "cuda_available", "cuda_device_count", "version", "commit"]

@@ -11,10 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .dtypes import NUMPY_DTYPES, Type, as_type, is_quantized, type_name
 from .errors import GGMLError, OutOfContextMemory, ShapeError
 from .raw import ffi, lib
 from .tensor import Tensor
-from .dtypes import NUMPY_DTYPES, Type, as_type, is_quantized, type_name
 
 _FLOAT_TYPES = (Type.F32, Type.F16, Type.BF16)
 
@@ -136,12 +136,6 @@ class Context:
             out.set(arr)
         return out
 
-    def get_tensor(self, name: str) -> Tensor:
-        p = lib.ggml_get_tensor(self._live(), name.encode())
-        if p == ffi.NULL:
-            raise KeyError(f"no tensor named {name!r} in this context")
-        return Tensor(p, self)
-
     def tensors(self) -> list[Tensor]:
         out, p = [], lib.ggml_get_first_tensor(self._live())
         while p != ffi.NULL:
@@ -155,7 +149,8 @@ class Context:
         ne = tuple(int(n) for n in (ne[0] if len(ne) == 1 and isinstance(ne[0], (tuple, list)) else ne))
         _require(1 <= len(ne) <= 4, lambda: f"reshape: 1 to 4 dims, got {ne}")
         _require(a.is_contiguous, lambda: f"reshape: {a!r} is not contiguous (ctx.cont first)")
-        _require(int(np.prod(ne)) == a.nelements, lambda: f"reshape: {a!r} has {a.nelements} elements, ne={ne} has {int(np.prod(ne))}")
+        _require(int(np.prod(ne)) == a.nelements, lambda: f"reshape: {a!r} has {a.nelements} elements, ne={ne} has "
+                                                          f"{int(np.prod(ne))}")
         fn = [None, lib.ggml_reshape_1d, lib.ggml_reshape_2d, lib.ggml_reshape_3d, lib.ggml_reshape_4d][len(ne)]
         return self._wrap(fn, a, *ne)
 
@@ -171,7 +166,8 @@ class Context:
         for n, s in zip(ne[1:], nb):
             size = max(size, size + (n - 1) * s) if n else 0
         _require(size + offset <= a.nbytes or 0 in ne,
-                 lambda: f"view: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches past the {a.nbytes} bytes of {a!r}")
+                 lambda: f"view: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches past the {a.nbytes} bytes "
+                         f"of {a!r}")
         fn = [None, lib.ggml_view_1d, lib.ggml_view_2d, lib.ggml_view_3d, lib.ggml_view_4d][len(ne)]
         return self._wrap(fn, a, *ne, *nb, int(offset))
 
@@ -187,12 +183,14 @@ class Context:
         ne = [int(n) for n in ne]
         nb = [int(x) for x in nb]
         _require(1 <= len(ne) <= 4, lambda: f"view_strided: 1 to 4 dims, got {ne}")
-        _require(len(nb) == len(ne) - 1, lambda: f"view_strided: {len(ne)}-d view takes {len(ne) - 1} strides, got {len(nb)}")
+        _require(len(nb) == len(ne) - 1, lambda: f"view_strided: {len(ne)}-d view takes {len(ne) - 1} strides, got "
+                                                 f"{len(nb)}")
         _require(min(ne) > 0 and min(nb, default=0) >= 0 and offset >= 0, lambda: f"view_strided: bad ne={ne} nb={nb}")
         _require(not is_quantized(a.type), lambda: f"view_strided: {a!r} is quantized")
         es = a.nb[0]
         reach = offset + ne[0] * es + sum((n - 1) * s for n, s in zip(ne[1:], nb))
-        _require(reach <= a.nbytes, lambda: f"view_strided: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches byte "
+        _require(reach <= a.nbytes, lambda: f"view_strided: ne={tuple(ne)} nb={tuple(nb)} at offset {offset} reaches "
+                                            "byte "
                                     f"{reach}, past the {a.nbytes} bytes of {a!r}")
         out = self._wrap(lib.ggml_view_1d, a, 1, int(offset))
         ne4, nb4 = ne + [1] * (4 - len(ne)), [es] + nb + [0] * (3 - len(nb))
@@ -207,7 +205,8 @@ class Context:
     def permute(self, a: Tensor, a0: int, a1: int, a2: int, a3: int) -> Tensor:
         """ggml_permute: source dim i goes to position a_i."""
         _t(a)
-        _require(sorted((a0, a1, a2, a3)) == [0, 1, 2, 3], lambda: f"permute: ({a0}, {a1}, {a2}, {a3}) is not a permutation of 0..3")
+        _require(sorted((a0, a1, a2, a3)) == [0, 1, 2, 3], lambda: f"permute: ({a0}, {a1}, {a2}, {a3}) is not a "
+                                                                   "permutation of 0..3")
         return self._wrap(lib.ggml_permute, a, a0, a1, a2, a3)
 
     def transpose(self, a: Tensor) -> Tensor:
@@ -217,7 +216,8 @@ class Context:
         _t(a)
         if not ne:
             return self._wrap(lib.ggml_cont, a)
-        _require(int(np.prod(ne)) == a.nelements, lambda: f"cont: {a!r} has {a.nelements} elements, ne={ne} has {int(np.prod(ne))}")
+        _require(int(np.prod(ne)) == a.nelements, lambda: f"cont: {a!r} has {a.nelements} elements, ne={ne} has "
+                                                          f"{int(np.prod(ne))}")
         fn = [None, lib.ggml_cont_1d, lib.ggml_cont_2d, lib.ggml_cont_3d, lib.ggml_cont_4d][len(ne)]
         return self._wrap(fn, a, *ne)
 
@@ -267,7 +267,8 @@ class Context:
     def pad_reflect_1d(self, a: Tensor, p0: int, p1: int) -> Tensor:
         _t(a)
         _require(p0 >= 0 and p1 >= 0, "pad_reflect_1d: negative padding")
-        _require(p0 < a.ne[0] and p1 < a.ne[0], lambda: f"pad_reflect_1d: padding ({p0}, {p1}) must be shorter than ne[0]={a.ne[0]}")
+        _require(p0 < a.ne[0] and p1 < a.ne[0], lambda: f"pad_reflect_1d: padding ({p0}, {p1}) must be shorter than "
+                                                        f"ne[0]={a.ne[0]}")
         _require(a.is_contiguous, lambda: f"pad_reflect_1d: {a!r} is not contiguous")
         _need_float(a, "pad_reflect_1d")
         return self._wrap(lib.ggml_pad_reflect_1d, a, p0, p1)
@@ -395,7 +396,8 @@ class Context:
         """
         _t(a, "a"), _t(b, "b")
         _require(a.ne[0] == b.ne[0], lambda: f"mul_mat: inner dims differ, {a!r} vs {b!r}")
-        _require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, lambda: f"mul_mat: {a!r} does not broadcast over {b!r}")
+        _require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, lambda: f"mul_mat: {a!r} does not broadcast over "
+                                                                            f"{b!r}")
         _require(not a.nb[0] > a.nb[1], lambda: f"mul_mat: {a!r} is transposed (ctx.cont it first)")
         _require(b.type in (Type.F32, Type.F16), lambda: f"mul_mat: b must be F32 or F16, got {b!r}")
         out = self._wrap(lib.ggml_mul_mat, a, b)
@@ -432,7 +434,8 @@ class Context:
         _t(a)
         _need_float(a, "group_norm")
         _require(a.is_contiguous, lambda: f"group_norm: {a!r} is not contiguous")
-        _require(n_groups > 0 and a.ne[2] % n_groups == 0, lambda: f"group_norm: {n_groups} groups do not split ne[2]={a.ne[2]}")
+        _require(n_groups > 0 and a.ne[2] % n_groups == 0, lambda: f"group_norm: {n_groups} groups do not split "
+                                                                   f"ne[2]={a.ne[2]}")
         return self._wrap(lib.ggml_group_norm, a, int(n_groups), float(eps))
 
     # -- attention ---------------------------------------------------------------------------------------------
@@ -473,7 +476,8 @@ class Context:
         """
         _t(q, "q"), _t(k, "k"), _t(v, "v")
         _require(k.ne[0] == q.ne[0], lambda: f"flash_attn_ext: head size of q {q!r} and k {k!r} differ")
-        _require(q.ne[2] % k.ne[2] == 0, lambda: f"flash_attn_ext: {q.ne[2]} query heads are not a multiple of {k.ne[2]} kv heads")
+        _require(q.ne[2] % k.ne[2] == 0, lambda: f"flash_attn_ext: {q.ne[2]} query heads are not a multiple of "
+                                                 f"{k.ne[2]} kv heads")
         _require(q.ne[3] == k.ne[3] == v.ne[3], "flash_attn_ext: batch (ne[3]) of q, k, v differ")
         _require(k.ne[1] == v.ne[1] and k.ne[2] == v.ne[2], lambda: f"flash_attn_ext: k {k!r} and v {v!r} do not match")
         _require(q.type == Type.F32, lambda: f"flash_attn_ext: q must be F32, got {q!r}")
@@ -582,7 +586,8 @@ class Context:
         _require(a.nb[0] == 4, lambda: f"rope_neox: elements of {a!r} are not contiguous")
         _require(positions.type == Type.I32 and positions.n_dims == 1,
                  lambda: f"rope_neox: positions must be a 1-D I32 tensor, got {positions!r}")
-        _require(positions.ne[0] == a.ne[2], lambda: f"rope_neox: {positions.ne[0]} positions for ne[2]={a.ne[2]} of {a!r}")
+        _require(positions.ne[0] == a.ne[2], lambda: f"rope_neox: {positions.ne[0]} positions for ne[2]={a.ne[2]} of "
+                                                     f"{a!r}")
         _require(0 < n_dims <= a.ne[0] and n_dims % 2 == 0,
                  lambda: f"rope_neox: n_dims={n_dims} must be even and within ne[0]={a.ne[0]}")
         _require(freq_base > 0, "rope_neox: freq_base must be positive")

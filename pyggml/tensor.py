@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import NUMPY_DTYPES, Type, bf16_bits_to_float32, float32_to_bf16_bits, type_name
 from .errors import GGMLError, ShapeError
 from .raw import ffi, lib, string
-from .dtypes import NUMPY_DTYPES, Type, bf16_bits_to_float32, float32_to_bf16_bits, type_name
 
 
 class Tensor:

@@ -36,3 +36,18 @@ def small_gguf_q8(small_ckpt_dir, tmp_path_factory):
     """``small_ckpt_dir`` converted with --type q8_0 (2-D weight matrices q8_0, the rest F32)."""
     from tortoise_ggml.convert import convert
     return convert(small_ckpt_dir, tmp_path_factory.mktemp("gguf_small_q8") / "tortoise-small-q8_0.gguf", type="q8_0")
+
+
+@pytest.fixture(scope="session")
+def backend():
+    """The CPU backend most tests compute on (two threads: this machine's cores)."""
+    import pyggml as pg
+    return pg.Backend("cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def model_file(request, small_gguf, backend):
+    """``small_gguf`` loaded into ``backend``: the components the test module lists in COMPONENTS (default all)."""
+    from tortoise_ggml.weights.model_file import ModelFile
+    with ModelFile(small_gguf, backend, components=getattr(request.module, "COMPONENTS", None)) as mf:
+        yield mf

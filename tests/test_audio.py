@@ -118,8 +118,8 @@ def test_univnet_mel_matches(torch, monkeypatch):
     # the reference STFT's constructor pseudo-inverts a 1026x1024 basis for the inverse transform (seconds on
     # 2 cores); the forward transform never reads it
     monkeypatch.setattr(stft.np.linalg, "pinv", lambda a: np.zeros(a.shape[::-1]))
-    from tortoise.utils.audio import wav_to_univnet_mel
     from torchaudio.functional import resample
+    from tortoise.utils.audio import wav_to_univnet_mel
     clips = np.stack([_voice_like(60000, seed=4), _voice_like(60000, seed=5)])
     # the diffusion conditioning path of get_conditioning_latents: 22.05 -> 24 kHz, pad to 102400, mels
     ref_wav = pad_or_truncate(resample(torch.from_numpy(clips), 22050, 24000), 102400)
@@ -198,8 +198,8 @@ def test_bad_inputs(tmp_path, mel_norms):
 
 
 def test_mel_norms_from_model_file(small_gguf, mel_norms):
-    from tortoise_ggml.weights.model_file import ModelFile
     import pyggml as pg
+    from tortoise_ggml.weights.model_file import ModelFile
     mf = ModelFile(str(small_gguf), pg.Backend("cpu", threads=1), components=["rlg_auto"])
     np.testing.assert_array_equal(mf.mel_norms, mel_norms)
     clip = _voice_like(132300)

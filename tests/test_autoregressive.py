@@ -7,10 +7,9 @@ latents (measured ~1e-6); F16 KV cache 1e-2 on decode logits (measured ~1e-3); q
 import numpy as np
 import pytest
 
-import pyggml as pg
 from tortoise_ggml import kernels
-from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models.autoregressive import UnifiedVoice
+from tortoise_ggml.weights.model_file import ModelFile
 
 torch = pytest.importorskip("torch")
 
@@ -20,16 +19,7 @@ Q8_TOL = 0.1
 N_CODES = 20
 N_STEPS = 4
 
-
-@pytest.fixture(scope="module")
-def backend():
-    return pg.Backend("cpu", threads=2)
-
-
-@pytest.fixture(scope="module")
-def model_file(small_gguf, backend):
-    with ModelFile(small_gguf, backend, components=["autoregressive"]) as mf:
-        yield mf
+COMPONENTS = ["autoregressive"]  # what the shared model_file fixture loads
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,16 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models import xtransformers as xt
 from tortoise_ggml.models.arch_util import ModuleWeights
 from tortoise_ggml.models.clvp import CLVP
+from tortoise_ggml.weights.model_file import ModelFile
 
 torch = pytest.importorskip("torch")
 
 RTOL, ATOL = 1e-4, 1e-5
 
-
-@pytest.fixture(scope="module")
-def backend():
-    return pg.Backend("cpu", threads=2)
-
-
-@pytest.fixture(scope="module")
-def model_file(small_gguf, backend):
-    mf = ModelFile(small_gguf, backend, components=["clvp"])
-    yield mf
-    mf.close()
+COMPONENTS = ["clvp"]  # what the shared model_file fixture loads
 
 
 @pytest.fixture(scope="module")

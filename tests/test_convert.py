@@ -11,9 +11,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
+from tortoise_ggml.convert import ConvertError, convert  # noqa: E402
 from tortoise_ggml.weights import checkpoints, names, registry  # noqa: E402
 from tortoise_ggml.weights.checkpoints import CheckpointError  # noqa: E402
-from tortoise_ggml.convert import ConvertError, convert  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 import pyggml as pg
-from tortoise_ggml.utils import diffusion as D
-from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml import api
 from tortoise_ggml.models.config import AudioConfig
 from tortoise_ggml.models.diffusion_decoder import DiffusionTts, nearest_indices
 from tortoise_ggml.models.xtransformers import relative_position_buckets
+from tortoise_ggml.utils import diffusion as D
+from tortoise_ggml.weights.model_file import ModelFile
 
 
 def output_seq_len(n_codes: int) -> int:
@@ -38,11 +38,6 @@ ATOL_EMB = 5e-5
 ATOL_STEP = 3e-5
 ATOL_MEL = 2e-3
 N_CODES = 40                      # -> 87 frames
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return pg.Backend("cpu", threads=2)
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,8 @@ def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n):
     kt, vt = (ctx.new_tensor("f32", (e, cap, rows)).set_input() for _ in range(2))
     qt = ctx.new_tensor("f32", (d, 1, heads, rows)).set_input()
     mt = ctx.new_tensor("f16", (cap, 1)).set_input()
-    view = lambda t: ctx.view(t, (d, cap, heads, rows), (e * 4, d * 4, e * cap * 4))
+    def view(t):
+        return ctx.view(t, (d, cap, heads, rows), (e * 4, d * 4, e * cap * 4))
     y = kernels.attend_cache(ctx, qt, view(kt), view(vt), mt, 0.125)
     cpu.compute(pg.Graph(ctx, y), {kt: kc, vt: vc, qt: q, mt: mask})
     got = y.get().reshape(rows, heads, d)

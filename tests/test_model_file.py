@@ -11,11 +11,6 @@ from tortoise_ggml.weights.model_file import ModelFile
 gguf = pytest.importorskip("gguf")
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    return pg.Backend("cpu", threads=2)
-
-
 def ne_shape(t):
     """numpy shape of a pyggml tensor with all 4 ggml dims, so trailing unit dims (1, 16, 7) are compared too."""
     return tuple(reversed(t.ne))
@@ -26,9 +21,9 @@ def padded(arr):
     return arr.reshape((1,) * (4 - arr.ndim) + arr.shape) if arr.ndim else arr.reshape(1, 1, 1, 1)
 
 
-def test_every_tensor_reads_back_from_the_cpu_backend(oracle, small_ckpt_dir, small_gguf, cpu):
+def test_every_tensor_reads_back_from_the_cpu_backend(oracle, small_ckpt_dir, small_gguf, backend):
     from test_convert import reference_state_dict
-    with ModelFile(small_gguf, cpu) as mf:
+    with ModelFile(small_gguf, backend) as mf:
         assert mf.components == list(registry.COMPONENTS)
         total = 0
         for c in registry.COMPONENTS:
@@ -45,12 +40,12 @@ def test_every_tensor_reads_back_from_the_cpu_backend(oracle, small_ckpt_dir, sm
         assert mf.buffer.size >= total and mf.buffer.is_host
 
 
-def test_hparams_metadata_tokenizer_mel_norms(small_gguf, cpu):
+def test_hparams_metadata_tokenizer_mel_norms(small_gguf, backend):
     import importlib.util
 
     import torch
     data = os.path.join(list(importlib.util.find_spec("tortoise").submodule_search_locations)[0], "data")
-    with ModelFile(small_gguf, cpu, components=["rlg_auto"]) as mf:
+    with ModelFile(small_gguf, backend, components=["rlg_auto"]) as mf:
         hp = mf.hparams("autoregressive")  # metadata of every component, whatever was loaded
         assert hp["layers"] == 2 and hp["model_dim"] == 128 and hp["heads"] == 4
         assert type(hp["layers"]) is int and hp["train_solo_embeddings"] is False
@@ -67,10 +62,10 @@ def test_hparams_metadata_tokenizer_mel_norms(small_gguf, cpu):
         assert mf.voices == []
 
 
-def test_component_subset_and_key_errors(small_gguf, cpu):
-    with ModelFile(small_gguf, cpu) as full:
+def test_component_subset_and_key_errors(small_gguf, backend):
+    with ModelFile(small_gguf, backend) as full:
         full_size = full.buffer.size
-    with ModelFile(small_gguf, cpu, components=["vocoder", "rlg_auto"]) as mf:
+    with ModelFile(small_gguf, backend, components=["vocoder", "rlg_auto"]) as mf:
         assert mf.components == ["vocoder", "rlg_auto"]
         assert mf.buffer.size < full_size / 3
         assert mf.weights("vocoder")["conv_pre.weight"].shape == (16, 16, 7)
@@ -84,21 +79,21 @@ def test_component_subset_and_key_errors(small_gguf, cpu):
             mf.voice("bob")
 
 
-def test_file_with_a_component_subset(small_ckpt_dir, tmp_path, cpu):
+def test_file_with_a_component_subset(small_ckpt_dir, tmp_path, backend):
     from tortoise_ggml.convert import convert
     path = convert(small_ckpt_dir, tmp_path / "voc.gguf", components="vocoder")
-    with ModelFile(path, cpu) as mf:
+    with ModelFile(path, backend) as mf:
         assert mf.components == mf.available_components == ["vocoder"]
     with pytest.raises(ValueError, match="voc.gguf: holds no diffusion"):
-        ModelFile(path, cpu, components=["vocoder", "diffusion"])
+        ModelFile(path, backend, components=["vocoder", "diffusion"])
 
 
-def test_q8_0_file_loads_and_multiplies(small_gguf, small_gguf_q8, cpu):
+def test_q8_0_file_loads_and_multiplies(small_gguf, small_gguf_q8, backend):
     from tortoise_ggml.models import layers
     reader = gguf.GGUFReader(small_gguf_q8)
     raw = {t.name: t for t in reader.tensors}
-    with ModelFile(small_gguf_q8, cpu, components=["autoregressive"]) as mq, \
-            ModelFile(small_gguf, cpu, components=["autoregressive"]) as mf:
+    with ModelFile(small_gguf_q8, backend, components=["autoregressive"]) as mq, \
+            ModelFile(small_gguf, backend, components=["autoregressive"]) as mf:
         wq = mq.weights("autoregressive")["mel_head.weight"]
         w32 = mf.weights("autoregressive")["mel_head.weight"]
         assert wq.type == pg.Type.Q8_0 and wq.ne == w32.ne
@@ -111,7 +106,7 @@ def test_q8_0_file_loads_and_multiplies(small_gguf, small_gguf_q8, cpu):
             ctx = pg.Context()
             xt = ctx.new_tensor("f32", (128, 3)).set_input()
             y = layers.linear(ctx, xt, w)
-            cpu.compute(pg.Graph(ctx, y), {xt: x})
+            backend.compute(pg.Graph(ctx, y), {xt: x})
             outs.append(y.get())
         ref = x @ w32.get().T
         np.testing.assert_allclose(outs[1], ref, rtol=1e-4, atol=1e-4)
@@ -124,12 +119,12 @@ def _has_amx(backend):
 
 
 @pytest.mark.skipif(not _has_amx(pg.Backend("cpu", threads=1)), reason="this CPU (or build) has no AMX")
-def test_q8_0_matmul_weights_in_the_amx_layout(small_gguf_q8, cpu):
+def test_q8_0_matmul_weights_in_the_amx_layout(small_gguf_q8, backend):
     """q8_0 matmul weights go to the AMX layout, embedding tables and odd-sized matrices stay plain; the products
     match the plain layout's (both quantise the activations to q8_0); repacked weights refuse other ops."""
     from tortoise_ggml.models import layers
-    with ModelFile(small_gguf_q8, cpu, components=["autoregressive"]) as amx, \
-            ModelFile(small_gguf_q8, cpu, components=["autoregressive"], repack=False) as plain:
+    with ModelFile(small_gguf_q8, backend, components=["autoregressive"]) as amx, \
+            ModelFile(small_gguf_q8, backend, components=["autoregressive"], repack=False) as plain:
         wa, wp = amx.weights("autoregressive"), plain.weights("autoregressive")
         key = "gpt.h.0.mlp.c_fc.weight"
         assert wa[key].matmul_layout == "AMX" and wp[key].matmul_layout is None
@@ -146,7 +141,7 @@ def test_q8_0_matmul_weights_in_the_amx_layout(small_gguf_q8, cpu):
                 ctx = pg.Context()
                 xt = ctx.new_tensor("f32", (d, 2, rows)).set_input()
                 y = layers.linear(ctx, ctx.permute(xt, 0, 2, 1, 3), w)  # a non-contiguous (d, rows, 2) operand
-                cpu.compute(pg.Graph(ctx, y), {xt: x})
+                backend.compute(pg.Graph(ctx, y), {xt: x})
                 outs.append(y.get())
             np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5 * np.abs(outs[1]).max())
         with pytest.raises(pg.GGMLError, match="AMX matmul layout"):
@@ -155,10 +150,10 @@ def test_q8_0_matmul_weights_in_the_amx_layout(small_gguf_q8, cpu):
         ids = ctx.new_tensor("i32", (3,)).set_input()
         rows = ctx.get_rows(wa[key], ids)
         with pytest.raises(pg.GGMLError, match="cannot compute"):
-            cpu.compute(pg.Graph(ctx, rows), {ids: np.array([0, 1, 2], np.int32)})
+            backend.compute(pg.Graph(ctx, rows), {ids: np.array([0, 1, 2], np.int32)})
 
 
-def test_voices_are_readable(small_ckpt_dir, tmp_path, cpu):
+def test_voices_are_readable(small_ckpt_dir, tmp_path, backend):
     import torch
 
     from tortoise_ggml.convert import convert
@@ -167,15 +162,15 @@ def test_voices_are_readable(small_ckpt_dir, tmp_path, cpu):
     lat = (torch.randn(1, 128), torch.randn(1, 256))
     torch.save(lat, vd / "latents.pth")
     path = convert(small_ckpt_dir, tmp_path / "v.gguf", components="rlg_auto", voices_dir=tmp_path / "voices")
-    with ModelFile(path, cpu) as mf:
+    with ModelFile(path, backend) as mf:
         assert mf.voices == ["alice"]
         v = mf.voice("alice")
         np.testing.assert_array_equal(v["autoregressive"], lat[0].numpy())
         np.testing.assert_array_equal(v["diffusion"], lat[1].numpy())
 
 
-def test_close_and_context_manager(small_gguf, cpu):
-    mf = ModelFile(small_gguf, cpu, components=["rlg_auto"])
+def test_close_and_context_manager(small_gguf, backend):
+    mf = ModelFile(small_gguf, backend, components=["rlg_auto"])
     assert mf.buffer is not None
     mf.close()
     assert mf.buffer is None
@@ -200,34 +195,34 @@ def write_gguf(path, arch="tortoise", version=1, components=("rlg_auto",)):
     return path
 
 
-def test_missing_file_and_bad_backend(small_gguf, tmp_path, cpu):
+def test_missing_file_and_bad_backend(small_gguf, tmp_path, backend):
     with pytest.raises(FileNotFoundError, match="nothing.gguf"):
-        ModelFile(tmp_path / "nothing.gguf", cpu)
+        ModelFile(tmp_path / "nothing.gguf", backend)
     with pytest.raises(TypeError, match="pyggml.Backend"):
         ModelFile(small_gguf, "cpu")
 
 
-def test_corrupt_and_truncated_files(small_gguf, tmp_path, cpu):
+def test_corrupt_and_truncated_files(small_gguf, tmp_path, backend):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGML" + os.urandom(100))
     with pytest.raises(ValueError, match="bad.gguf: not a readable GGUF file"):
-        ModelFile(bad, cpu)
+        ModelFile(bad, backend)
     data = open(small_gguf, "rb").read()
     for cut in (len(data) - 1000, 4000, 30):
         bad.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=r"bad.gguf: (not a readable GGUF file|.*past the end of the file)"):
-            ModelFile(bad, cpu)
+            ModelFile(bad, backend)
 
 
-def test_wrong_architecture_and_version(tmp_path, cpu):
+def test_wrong_architecture_and_version(tmp_path, backend):
     with pytest.raises(ValueError, match="general.architecture is 'llama'"):
-        ModelFile(write_gguf(tmp_path / "a.gguf", arch="llama"), cpu)
+        ModelFile(write_gguf(tmp_path / "a.gguf", arch="llama"), backend)
     with pytest.raises(ValueError, match="b.gguf: format version 2"):
-        ModelFile(write_gguf(tmp_path / "b.gguf", version=2), cpu)
+        ModelFile(write_gguf(tmp_path / "b.gguf", version=2), backend)
     with pytest.raises(ValueError, match="c.gguf: format version None"):
-        ModelFile(write_gguf(tmp_path / "c.gguf", version=None), cpu)
+        ModelFile(write_gguf(tmp_path / "c.gguf", version=None), backend)
     with pytest.raises(ValueError, match="d.gguf: no key list for rlg_auto"):
-        ModelFile(write_gguf(tmp_path / "d.gguf"), cpu)
+        ModelFile(write_gguf(tmp_path / "d.gguf"), backend)
 
 
 @pytest.mark.skipif(not pg.cuda_available(), reason="needs a CUDA build and device")

@@ -7,21 +7,10 @@ q8_0 weights (and q8_0 activations inside ggml's mul_mat) to ~2.5% of the output
 import numpy as np
 import pytest
 
-import pyggml as pg
-from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models.random_latent_generator import RandomLatentConverter
+from tortoise_ggml.weights.model_file import ModelFile
 
 COMPONENTS = ("rlg_auto", "rlg_diffuser")
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return pg.Backend("cpu", threads=2)
-
-
-@pytest.fixture(scope="module")
-def model_file(small_gguf, backend):
-    return ModelFile(small_gguf, backend, components=list(COMPONENTS))
 
 
 def _reference(oracle, ckpt, component, noise):

@@ -124,8 +124,8 @@ def test_split_and_recombine_matches(oracle, riding_hood):
 
 
 def test_tokenizer_from_model_file(small_gguf, ref_tok):
-    from tortoise_ggml.weights.model_file import ModelFile
     import pyggml as pg
+    from tortoise_ggml.weights.model_file import ModelFile
     mf = ModelFile(str(small_gguf), pg.Backend("cpu", threads=1), components=["rlg_auto"])
     tok = ours.VoiceBpeTokenizer.from_model_file(mf)
     for s in SENTENCES:

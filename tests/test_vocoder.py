@@ -15,22 +15,18 @@ import pytest
 
 import pyggml as pg
 from tortoise_ggml import kernels
-from tortoise_ggml.weights.model_file import ModelFile
 from tortoise_ggml.models.vocoder import LVCBlock, UnivNetGenerator, Windows
 
 ATOL = 2e-5
 FRAMES = 12
+
+COMPONENTS = ["vocoder"]  # what the shared model_file fixture loads
 
 
 @pytest.fixture(scope="module")
 def backend():
     # one thread: these graphs are tiny, and on a busy machine two threads spend more time syncing than computing
     return pg.Backend("cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def model_file(small_gguf, backend):
-    return ModelFile(small_gguf, backend, components=["vocoder"])
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,15 @@ import numpy as np
 
 import pyggml as pg
 
-from .utils import audio
-from .weights.model_file import ModelFile
-from .weights.registry import REGISTRY
 from .models.config import AudioConfig
+from .utils import audio
 from .utils.audio import denormalize_tacotron_mel
 from .utils.checks import as_generator
 from .utils.diffusion import SpacedDiffusion, get_named_beta_schedule, space_timesteps
 from .utils.sampling import CALM_TOKEN, fix_autoregressive_output
 from .utils.text import VoiceBpeTokenizer
+from .weights.model_file import ModelFile
+from .weights.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 

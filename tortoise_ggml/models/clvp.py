@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 import pyggml as pg
-from pyggml import Context, Graph, Tensor
+from pyggml import Context, Tensor
 
 from ..utils.checks import ids
 from .arch_util import Embedding, Linear, ModuleWeights

@@ -16,8 +16,6 @@ One sampling step calls ``forward`` on a batch that holds both the conditioned a
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 import pyggml as pg
@@ -28,7 +26,6 @@ from ..utils.checks import floats
 from . import layers
 from .arch_util import AttentionBlock, Conv1d, Embedding, GroupNorm32, Linear, ModuleWeights
 from .base import Model
-
 
 # timestep_embedding's default, which DiffusionTts.forward uses
 MAX_PERIOD = 10000

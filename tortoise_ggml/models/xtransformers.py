@@ -10,7 +10,6 @@ all-true key mask in eval mode (see tortoise_ggml.models.clvp).
 """
 from __future__ import annotations
 
-
 import math
 
 import numpy as np

@@ -95,7 +95,8 @@ def _attention_block(out: dict, prefix: str, channels: int, heads: int | None = 
 def _x_encoder(out: dict, prefix: str, dim: int, depth: int, inner: int, ff_inner: int, rotary_half: int,
                wrap: str) -> None:
     """xtransformers.Encoder (pre-RMSNorm, attention then GEGLU feed-forward per depth step) inside a wrapper with a
-    final LayerNorm: CLVP's CheckpointedXTransformerEncoder (``wrap=".wrap"``) or CVVP's ContinuousTransformerWrapper."""
+    final LayerNorm: CLVP's CheckpointedXTransformerEncoder (``wrap=".wrap"``) or CVVP's
+    ContinuousTransformerWrapper."""
     layers = f"{prefix}.attn_layers.layers"
     for i in range(depth):
         a, f = 2 * i, 2 * i + 1

@@ -4,8 +4,8 @@
                                     [--voices DIR]
 
 The only module that needs torch (``pip install tortoise-ggml[convert]``). Every checkpoint is validated against its
-component's key/shape table (its registry entry: tortoise_ggml.weights.registry) before a byte is written; the file is written to a temporary
-name and renamed at the end, so a failed conversion leaves nothing behind.
+component's key/shape table (its registry entry: tortoise_ggml.weights.registry) before a byte is written; the file
+is written to a temporary name and renamed at the end, so a failed conversion leaves nothing behind.
 
 Memory: checkpoints are memory-mapped and read twice (shapes first, then one tensor at a time while writing), so the
 peak is about one component's checkpoint plus one converted tensor, not the whole model.
@@ -22,7 +22,15 @@ import numpy as np
 
 from ..models.config import AudioConfig, AutoregressiveConfig
 from .checkpoints import CheckpointError, weight_norm_pairs
-from .names import ARCHITECTURE, FORMAT_VERSION, MAX_NAME_BYTES, MEL_NORMS_TENSOR, VOICE_PARTS, tensor_name, voice_tensor_name
+from .names import (
+    ARCHITECTURE,
+    FORMAT_VERSION,
+    MAX_NAME_BYTES,
+    MEL_NORMS_TENSOR,
+    VOICE_PARTS,
+    tensor_name,
+    voice_tensor_name,
+)
 from .registry import COMPONENTS, Q8_0_BLOCK, REGISTRY, Component
 
 log = logging.getLogger(__name__)

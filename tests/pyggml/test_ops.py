@@ -10,11 +10,6 @@ import pyggml.raw  # noqa: F401
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    return pg.Backend("cpu", threads=2)
-
-
 def run(backend, build, *arrays, types=None):
     """Build a graph over ``arrays`` (numpy, as graph inputs) with ``build(ctx, *tensors)``; return its outputs."""
     ctx = pg.Context()
@@ -32,23 +27,23 @@ def randn(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-def test_mul_mat(cpu):
+def test_mul_mat(backend):
     w, x = randn(7, 33), randn(2, 5, 33)
-    np.testing.assert_allclose(run(cpu, lambda c, a, b: c.mul_mat(a, b), w, x), x @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(backend, lambda c, a, b: c.mul_mat(a, b), w, x), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_mul_mat_broadcasts_over_batch(cpu):
+def test_mul_mat_broadcasts_over_batch(backend):
     a, b = randn(3, 4, 16), randn(2, 3, 4, 16)   # a broadcasts over b's outer dim
-    np.testing.assert_allclose(run(cpu, lambda c, p, q: c.mul_mat(p, q), a, b), b @ np.swapaxes(a, -1, -2),
+    np.testing.assert_allclose(run(backend, lambda c, p, q: c.mul_mat(p, q), a, b), b @ np.swapaxes(a, -1, -2),
                                rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("wtype,tol", [("f16", 2e-2), ("q8_0", 5e-2)])
-def test_mul_mat_quantized_weights(cpu, wtype, tol):
+def test_mul_mat_quantized_weights(backend, wtype, tol):
     w, x = randn(8, 64), randn(3, 64)
     ctx = pg.Context()
     wt = ctx.new_tensor(wtype, (64, 8))
-    buf = cpu.alloc_tensors(ctx)
+    buf = backend.alloc_tensors(ctx)
     if wtype == "f16":
         wt.set(w.astype(np.float16))
     else:
@@ -57,64 +52,64 @@ def test_mul_mat_quantized_weights(cpu, wtype, tol):
     g = pg.Context()
     xt = g.from_numpy(x).set_input()
     y = g.mul_mat(wt, xt)
-    cpu.compute(pg.Graph(g, y), {xt: x})
+    backend.compute(pg.Graph(g, y), {xt: x})
     np.testing.assert_allclose(y.get(), x @ w.T, atol=tol * 8)
     del buf
 
 
-def test_add_mul_broadcast(cpu):
+def test_add_mul_broadcast(backend):
     a, b, s = randn(3, 4, 5), randn(1, 4, 1), randn(5)
-    out = run(cpu, lambda c, x, y, z: (c.add(x, y), c.mul(x, z), c.sub(x, y), c.div(x, c.exp(z))), a, b, s)
+    out = run(backend, lambda c, x, y, z: (c.add(x, y), c.mul(x, z), c.sub(x, y), c.div(x, c.exp(z))), a, b, s)
     np.testing.assert_allclose(out[0], a + b, rtol=1e-6)
     np.testing.assert_allclose(out[1], a * s, rtol=1e-6)
     np.testing.assert_allclose(out[2], a - b, rtol=1e-6)
     np.testing.assert_allclose(out[3], a / np.exp(s), rtol=1e-5)
 
 
-def test_norm_and_rms_norm(cpu):
+def test_norm_and_rms_norm(backend):
     x = randn(4, 6, 64) * 3 + 1
-    n, r = run(cpu, lambda c, t: (c.norm(t, 1e-5), c.rms_norm(t, 1e-6)), x)
+    n, r = run(backend, lambda c, t: (c.norm(t, 1e-5), c.rms_norm(t, 1e-6)), x)
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     np.testing.assert_allclose(n, (x - mu) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(r, x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6), rtol=1e-4, atol=1e-4)
 
 
-def test_group_norm(cpu):
+def test_group_norm(backend):
     b, ch, t, groups = 2, 8, 10, 4
     x = randn(b, ch, 1, t) * 2 + 0.5     # ne (T, 1, C, B): groups split ne[2]
-    y = run(cpu, lambda c, a: c.group_norm(a, groups, 1e-5), x)
+    y = run(backend, lambda c, a: c.group_norm(a, groups, 1e-5), x)
     g = x.reshape(b, groups, -1)
     ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_soft_max_ext_with_mask(cpu):
+def test_soft_max_ext_with_mask(backend):
     x = randn(2, 3, 5, 7)
     mask = np.where(RNG.random((5, 7)) < 0.3, -np.inf, 0).astype(np.float32)
     mask[:, 0] = 0   # every row keeps one entry
-    y = run(cpu, lambda c, a, m: c.soft_max_ext(a, m, 0.5), x, mask)
+    y = run(backend, lambda c, a, m: c.soft_max_ext(a, m, 0.5), x, mask)
     z = x * 0.5 + mask
     ref = np.exp(z - z.max(-1, keepdims=True))
     np.testing.assert_allclose(y, ref / ref.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
-def test_get_rows(cpu):
+def test_get_rows(backend):
     table, ids = randn(10, 6), np.array([3, 0, 9, 3], dtype=np.int32)
-    np.testing.assert_array_equal(run(cpu, lambda c, t, i: c.get_rows(t, i), table, ids), table[ids])
+    np.testing.assert_array_equal(run(backend, lambda c, t, i: c.get_rows(t, i), table, ids), table[ids])
 
 
 @pytest.mark.parametrize("dim", [0, 1, 2, 3])
-def test_concat(cpu, dim):
+def test_concat(backend, dim):
     shape_a, shape_b = [2, 3, 4, 5], [2, 3, 4, 5]
     shape_b[3 - dim] = 2          # numpy axis of ggml dim
     a, b = randn(*shape_a), randn(*shape_b)
-    np.testing.assert_array_equal(run(cpu, lambda c, x, y: c.concat(x, y, dim), a, b),
+    np.testing.assert_array_equal(run(backend, lambda c, x, y: c.concat(x, y, dim), a, b),
                                   np.concatenate([a, b], axis=3 - dim))
 
 
-def test_concat_of_permuted_views(cpu):
+def test_concat_of_permuted_views(backend):
     a, b = randn(3, 4, 5), randn(3, 4, 5)
-    out = run(cpu, lambda c, x, y: c.concat(c.permute(x, 1, 0, 2, 3), c.permute(y, 1, 0, 2, 3), 1), a, b)
+    out = run(backend, lambda c, x, y: c.concat(c.permute(x, 1, 0, 2, 3), c.permute(y, 1, 0, 2, 3), 1), a, b)
     np.testing.assert_array_equal(out, np.concatenate([np.swapaxes(a, 1, 2), np.swapaxes(b, 1, 2)], axis=1))
 
 
@@ -127,33 +122,33 @@ def conv1d_ref(x, w, stride=1, pad=0, dil=1):
     return np.einsum("bctk,ock->bot", cols, w)
 
 
-def test_im2col_matches_conv1d(cpu):
+def test_im2col_matches_conv1d(backend):
     x, w = randn(2, 3, 20), randn(4, 3, 5)
 
     def build(c, xt, wt):
         cols = c.im2col(wt, xt, 2, 0, 3, 0, 2, 0, False)          # ne (K*Cin, T_out, B)
         return c.cont(c.transpose(c.mul_mat(c.reshape(wt, 15, 4), cols)))
-    np.testing.assert_allclose(run(cpu, build, x, w), conv1d_ref(x, w, 2, 3, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(backend, build, x, w), conv1d_ref(x, w, 2, 3, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_transpose_1d(cpu):
+def test_conv_transpose_1d(backend):
     x, w, s = randn(3, 9), randn(3, 2, 4), 2          # x (Cin, T), w (Cin, Cout, K)
-    y = run(cpu, lambda c, xt, wt: c.conv_transpose_1d(wt, xt, s), x, w)
+    y = run(backend, lambda c, xt, wt: c.conv_transpose_1d(wt, xt, s), x, w)
     ref = np.zeros((2, (9 - 1) * s + 4), np.float32)
     for t in range(9):
         ref[:, t * s: t * s + 4] += np.einsum("i,iok->ok", x[:, t], w)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_pad_reflect_1d(cpu):
+def test_pad_reflect_1d(backend):
     x = randn(2, 3, 10)
-    np.testing.assert_array_equal(run(cpu, lambda c, a: c.pad_reflect_1d(a, 3, 2), x),
+    np.testing.assert_array_equal(run(backend, lambda c, a: c.pad_reflect_1d(a, 3, 2), x),
                                   np.pad(x, ((0, 0), (0, 0), (3, 2)), mode="reflect"))
 
 
-def test_leaky_relu_gelu_tanh_sigmoid(cpu):
+def test_leaky_relu_gelu_tanh_sigmoid(backend):
     x = randn(4, 50) * 3
-    lr, ge, gerf, th, sg = run(cpu, lambda c, a: (c.leaky_relu(a, 0.2), c.gelu(a), c.gelu_erf(a), c.tanh(a),
+    lr, ge, gerf, th, sg = run(backend, lambda c, a: (c.leaky_relu(a, 0.2), c.gelu(a), c.gelu_erf(a), c.tanh(a),
                                                    c.sigmoid(a)), x)
     np.testing.assert_allclose(lr, np.where(x > 0, x, 0.2 * x), rtol=1e-6)
     ref_gelu = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
@@ -192,9 +187,9 @@ def test_custom_op_calls_c_function_per_thread():
         ctx.custom(twice_plus, [a], (0, 3))
 
 
-def test_timestep_embedding(cpu):
+def test_timestep_embedding(backend):
     t, dim = np.array([0.0, 1.0, 250.0, 999.0], dtype=np.float32), 16
-    y = run(cpu, lambda c, a: c.timestep_embedding(a, dim), t)
+    y = run(backend, lambda c, a: c.timestep_embedding(a, dim), t)
     freqs = np.exp(-math.log(10000) * np.arange(dim // 2) / (dim // 2))
     args = t[:, None] * freqs[None]
     np.testing.assert_allclose(y, np.concatenate([np.cos(args), np.sin(args)], -1), rtol=1e-4, atol=1e-4)
@@ -206,12 +201,12 @@ def attention_ref(q, k, v, mask, scale):
     return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v)
 
 
-def test_flash_attn_ext(cpu):
+def test_flash_attn_ext(backend):
     b, h, tq, tk, d = 2, 3, 5, 7, 16
     q, k, v = randn(b, h, tq, d), randn(b, h, tk, d), randn(b, h, tk, d)
     mask = np.zeros((tq, tk), np.float32)
     mask[np.triu_indices(tq, tk - tq + 1)] = -np.inf    # causal, queries at the end
-    out = run(cpu, lambda c, qt, kt, vt, m: c.flash_attn_ext(qt, kt, vt, m, 0.25), q, k, v, mask.astype(np.float16),
+    out = run(backend, lambda c, qt, kt, vt, m: c.flash_attn_ext(qt, kt, vt, m, 0.25), q, k, v, mask.astype(np.float16),
               types=[None, None, None, "f16"])
     # ggml's result ne (D, H, T_q, B) = numpy (B, T_q, H, D)
     ref = attention_ref(q, k, v, mask, 0.25).transpose(0, 2, 1, 3)
@@ -273,12 +268,12 @@ def test_bad_shapes_raise():
         ctx.add(a, np.zeros(3))
 
 
-def test_bad_data_raises(cpu):
+def test_bad_data_raises(backend):
     ctx = pg.Context()
     t = ctx.new_tensor("f32", (4, 3))
     with pytest.raises(pg.GGMLError, match="no memory"):
         t.set(np.zeros((3, 4), np.float32))
-    buf = cpu.alloc_tensors(ctx)
+    buf = backend.alloc_tensors(ctx)
     with pytest.raises(pg.ShapeError, match="does not fit"):
         t.set(np.zeros((4, 3), np.float32))
     t.set(np.ones((3, 4), np.float32))
@@ -286,15 +281,15 @@ def test_bad_data_raises(cpu):
     del buf
 
 
-def test_compute_checks_inputs(cpu):
+def test_compute_checks_inputs(backend):
     ctx = pg.Context()
     x = ctx.new_tensor("f32", (4,))          # not marked as input
     with pytest.raises(pg.GGMLError, match="not marked as a graph input"):
-        cpu.compute(pg.Graph(ctx, ctx.scale(x, 2.0)), {x: np.zeros(4, np.float32)})
+        backend.compute(pg.Graph(ctx, ctx.scale(x, 2.0)), {x: np.zeros(4, np.float32)})
     x.set_input()
     weight = pg.Context().new_tensor("f32", (4,), "forgotten")   # never allocated
     with pytest.raises(pg.GGMLError, match="forgotten.*has no memory"):
-        cpu.compute(pg.Graph(ctx, ctx.add(ctx.scale(x, 2.0), weight)), {x: np.zeros(4, np.float32)})
+        backend.compute(pg.Graph(ctx, ctx.add(ctx.scale(x, 2.0), weight)), {x: np.zeros(4, np.float32)})
 
 
 def test_context_limits():
@@ -326,7 +321,7 @@ def test_info_lists_cpu(capsys):
     assert "ggml 0.20.2" in out and "cpu" in out and "CPU" in out
 
 
-def test_recomputing_a_graph_after_others_reallocated_the_buffer(cpu):
+def test_recomputing_a_graph_after_others_reallocated_the_buffer(backend):
     """ggml-alloc keeps the addresses of tensors that already have data: a graph computed again after another
     graph grew (reallocated) the allocator's buffer must be re-placed, not read freed memory."""
     def graph(n):
@@ -335,12 +330,12 @@ def test_recomputing_a_graph_after_others_reallocated_the_buffer(cpu):
         y = ctx.scale(ctx.add(x, ctx.view(x, (n,))), 0.5)
         return ctx, x, y, pg.Graph(ctx, y)
     c1, x1, y1, g1 = graph(8)
-    cpu.compute(g1, {x1: np.arange(8, dtype=np.float32)})
+    backend.compute(g1, {x1: np.arange(8, dtype=np.float32)})
     c2, x2, y2, g2 = graph(1 << 20)
-    cpu.compute(g2, {x2: np.ones(1 << 20, np.float32)})
-    cpu.compute(g1, {x1: np.arange(8, dtype=np.float32) * 3})
+    backend.compute(g2, {x2: np.ones(1 << 20, np.float32)})
+    backend.compute(g1, {x1: np.arange(8, dtype=np.float32) * 3})
     np.testing.assert_array_equal(y1.get(), np.arange(8, dtype=np.float32) * 3)
-    cpu.compute(g2, {x2: np.full(1 << 20, 2, np.float32)})
+    backend.compute(g2, {x2: np.full(1 << 20, 2, np.float32)})
     assert (y2.get() == 2).all()
 
 

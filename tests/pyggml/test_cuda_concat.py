@@ -157,14 +157,9 @@ def test_layouts_are_non_contiguous():
         assert not _operand(ctx, storage, ne, layout).is_contiguous, layout
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    return pg.Backend("cpu", threads=2)
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cpu_concat_matches_numpy(cpu, case):
-    got, expected = run_concat(cpu, case)
+def test_cpu_concat_matches_numpy(backend, case):
+    got, expected = run_concat(backend, case)
     np.testing.assert_array_equal(got, expected)
 
 
@@ -176,8 +171,8 @@ def cuda():
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cuda_concat_matches_cpu(cuda, cpu, case):
+def test_cuda_concat_matches_cpu(cuda, backend, case):
     got, expected = run_concat(cuda, case)
-    ref, _ = run_concat(cpu, case)
+    ref, _ = run_concat(backend, case)
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(got, expected)

@@ -9,9 +9,10 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.cuda_compile
 def test_patched_cuda_sources_compile_for_sm90():
     if os.environ.get("CI") != "true" and not (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")):
         pytest.skip("no nvcc here (CI installs the CUDA compiler wheels)")
