@@ -226,7 +226,7 @@ def test_bad_inputs_raise(model, inputs):
 # the sampler
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [30, 200, 37])
-def test_spaced_schedule_matches_reference(steps):
+def test_spaced_schedule_matches_reference(steps, oracle):  # oracle: tortoise imports need its torchaudio shim
     from tortoise.api import load_discrete_vocoder_diffuser
     ref = load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=True, cond_free_k=2)
     ours = api.load_discrete_vocoder_diffuser(desired_diffusion_steps=steps, cond_free=True, cond_free_k=2)

@@ -21,11 +21,11 @@ import numpy as np
 
 import pyggml as pg
 
-from .models.config import AudioConfig
+from .models.config import AudioConfig, AutoregressiveConfig
 from .utils import audio
-from .utils.audio import denormalize_tacotron_mel
+from .utils.audio import denormalize_tacotron_mel, load_audio  # noqa: F401 (load_audio: part of the API)
 from .utils.checks import as_generator
-from .utils.diffusion import SpacedDiffusion, get_named_beta_schedule, space_timesteps
+from .utils.diffusion import SpacedDiffusion, check_sampler, get_named_beta_schedule, space_timesteps
 from .utils.sampling import CALM_TOKEN, fix_autoregressive_output
 from .utils.text import VoiceBpeTokenizer
 from .weights.model_file import ModelFile
@@ -41,6 +41,10 @@ PRESETS = {
     'fast': {'num_autoregressive_samples': 96, 'diffusion_iterations': 80},
     'standard': {'num_autoregressive_samples': 256, 'diffusion_iterations': 200},
     'high_quality': {'num_autoregressive_samples': 256, 'diffusion_iterations': 400},
+    # tortoise-tts-fast's few-step presets (its ultra_fast and fast: ultra_fast with diffusion_iterations=10,
+    # sampler="ddim", cond_free=True; fast with diffusion_iterations=20, sampler="dpm++2m")
+    'single_sample': {'num_autoregressive_samples': 8, 'diffusion_iterations': 10, 'sampler': 'ddim'},
+    'very_fast': {'num_autoregressive_samples': 32, 'diffusion_iterations': 30, 'sampler': 'dpm++2m'},
 }
 # tortoise's sample rates (the model file's AudioConfig holds them per file: tts.audio_config)
 AR_SAMPLE_RATE = AudioConfig.input_sample_rate         # conditioning clips and AR codes
@@ -144,14 +148,16 @@ class TextToSpeech:
     def tts(self, text: str, voice_samples=None, conditioning_latents=None, k: int = 1, verbose: bool = True,
             seed=None, num_autoregressive_samples: int = 512, temperature: float = .8, length_penalty: float = 1,
             repetition_penalty: float = 2.0, top_p: float = .8, max_mel_tokens: int = 500,
-            cvvp_amount: float = .0, diffusion_iterations: int = 100, cond_free: bool = True,
+            cvvp_amount: float = .0, diffusion_iterations: int = 100, cond_free: bool = True, sampler: str = "p",
             cond_free_k: float = 2, diffusion_temperature: float = 1.0, top_k: int = 50, return_stats: bool = False):
         """Speak ``text``: (1, samples) float32 at 24 kHz, or a list of k such clips (tortoise's tts()).
 
         Voice: ``voice_samples`` (22.05 kHz clips), else ``conditioning_latents`` (a pair from
         get_conditioning_latents), else a random voice. ``length_penalty`` only matters for beam search, which
         tortoise never uses; it is accepted for compatibility. ``seed`` (int or numpy Generator) makes the run
-        reproducible. ``return_stats`` adds a dict of per-stage seconds.
+        reproducible. ``return_stats`` adds a dict of per-stage seconds. ``sampler``: the diffusion sampler, as
+        tortoise-tts-fast names them ("p": tortoise's own, "ddim", "dpm++2m"; utils.diffusion.SAMPLERS), run for
+        ``diffusion_iterations`` steps; DPM-Solver samplers need ``cond_free``.
         """
         self._need("autoregressive", "clvp", "diffusion", "vocoder")
         if cvvp_amount:
@@ -181,7 +187,7 @@ class TextToSpeech:
         stats["conditioning_s"] = time.perf_counter() - t0
 
         diffuser = load_discrete_vocoder_diffuser(desired_diffusion_steps=diffusion_iterations, cond_free=cond_free,
-                                                  cond_free_k=cond_free_k)
+                                                  cond_free_k=cond_free_k, sampler=sampler)
         stop_mel_token = self.autoregressive.stop_mel_token
 
         t0 = time.perf_counter()
@@ -266,12 +272,21 @@ def _progress(total: int, desc: str, verbose: bool):
 # tortoise/api.py's glue around the diffusion sampler
 # ------------------------------------------------------------------------------------------------------------------
 def load_discrete_vocoder_diffuser(trained_diffusion_steps: int = 4000, desired_diffusion_steps: int = 200,
-                                   cond_free: bool = True, cond_free_k: float = 1) -> SpacedDiffusion:
-    """The diffuser tortoise/api.py samples mels with."""
+                                   cond_free: bool = True, cond_free_k: float = 1,
+                                   sampler: str = "p") -> SpacedDiffusion:
+    """The diffuser tortoise/api.py samples mels with; ``sampler`` as tortoise-tts-fast's: "p" (tortoise's
+    ancestral sampler), "ddim", "dpm++2m" (utils.diffusion.SAMPLERS). Bad steps or samplers raise here, before any
+    model runs."""
+    check_sampler(sampler, cond_free)
+    if isinstance(desired_diffusion_steps, bool) or not isinstance(desired_diffusion_steps, (int, np.integer)):
+        raise ValueError(f"diffusion steps must be an integer, got {desired_diffusion_steps!r}")
+    if not 1 <= desired_diffusion_steps <= trained_diffusion_steps:
+        raise ValueError(f"diffusion steps must be in 1..{trained_diffusion_steps} (the trained schedule), got "
+                         f"{desired_diffusion_steps}: it cannot divide the {trained_diffusion_steps} trained steps")
     return SpacedDiffusion(use_timesteps=space_timesteps(trained_diffusion_steps, [desired_diffusion_steps]),
                            model_mean_type="epsilon", model_var_type="learned_range", loss_type="mse",
                            betas=get_named_beta_schedule("linear", trained_diffusion_steps),
-                           conditioning_free=cond_free, conditioning_free_k=cond_free_k)
+                           conditioning_free=cond_free, conditioning_free_k=cond_free_k, sampler=sampler)
 
 
 def do_spectrogram_diffusion(diffusion_model, diffuser: SpacedDiffusion, latents, conditioning_latents,
@@ -293,16 +308,17 @@ def do_spectrogram_diffusion(diffusion_model, diffuser: SpacedDiffusion, latents
     output_shape = (latents.shape[0], diffusion_model.config.in_channels, seq_len)
     precomputed_embeddings = diffusion_model.timestep_independent(latents, conditioning_latents, seq_len, False)
     noise = rng.standard_normal(output_shape, dtype=np.float32) * np.float32(temperature)
-    mel = diffuser.p_sample_loop(diffusion_model, output_shape, noise=noise,
-                                 model_kwargs={"precomputed_aligned_embeddings": precomputed_embeddings},
-                                 rng=rng, progress=progress if progress is not None else verbose)
+    mel = diffuser.sample_loop(diffusion_model, output_shape, noise=noise,
+                               model_kwargs={"precomputed_aligned_embeddings": precomputed_embeddings},
+                               rng=rng, progress=progress if progress is not None else verbose)
     return denormalize_tacotron_mel(mel)[:, :, :seq_len]
 
 
 def diffusion_frames(model_file, n_codes: int) -> int:
     """Frames of mel the diffusion decoder makes for ``n_codes`` AR codes or latents (output_seq_len)."""
     compression = (model_file.config("autoregressive").mel_length_compression
-                   if "autoregressive" in model_file.available_components else 1024)
+                   if "autoregressive" in model_file.available_components
+                   else AutoregressiveConfig.mel_length_compression)
     return model_file.audio_config.diffusion_frames(n_codes, compression)
 
 

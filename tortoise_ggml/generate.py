@@ -52,12 +52,17 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--text", help="text to speak (default: an embedded sentence)")
     src.add_argument("--textfile", help="file with the text to speak")
-    src.add_argument("--mel", help="vocode this mel spectrogram (.npy, (100, T) or (1, 100, T)) instead")
+    src.add_argument("--mel", help="vocode this mel spectrogram (.npy, (n_mels, T) or (1, n_mels, T)) instead")
     ap.add_argument("--voice", default=None, help="clips directory, stored voice name, or 'random' (default)")
-    ap.add_argument("--preset", default="fast", choices=["ultra_fast", "fast", "standard", "high_quality"])
+    from .api import PRESETS
+    from .utils.diffusion import SAMPLERS
+    ap.add_argument("--preset", default="fast", choices=list(PRESETS))
+    ap.add_argument("--sampler", default=None, choices=SAMPLERS,
+                    help="diffusion sampler, as tortoise-tts-fast's --sampler (default: the preset's, else p)")
     ap.add_argument("--candidates", type=int, default=1, help="clips to write (best by CLVP)")
     ap.add_argument("--num-autoregressive-samples", type=int, default=None, help="override the preset")
-    ap.add_argument("--diffusion-iterations", type=int, default=None, help="override the preset")
+    ap.add_argument("--diffusion-iterations", "--steps", type=int, default=None, dest="diffusion_iterations",
+                    help="diffusion steps (override the preset)")
     ap.add_argument("--max-mel-tokens", type=int, default=None, help="longest code sequence (default 500)")
     ap.add_argument("--mel-positions", default="fixed", choices=["fixed", "original"],
                     help="AR mel position scheme (original reproduces tortoise's KV-cache offset)")
@@ -81,8 +86,9 @@ def main(argv=None) -> int:
             tts = TextToSpeech(args.model, device=args.device, threads=args.threads, components=["vocoder"])
             t0 = time.perf_counter()
             wav = tts.vocoder.inference(mel, seed=args.seed)
-            write_wav(args.output, wav[0])
-            _say(args, f"wrote {args.output} ({wav.shape[-1] / 24000:.2f} s of audio in "
+            rate = tts.audio_config.output_sample_rate
+            write_wav(args.output, wav[0], rate)
+            _say(args, f"wrote {args.output} ({wav.shape[-1] / rate:.2f} s of audio in "
                        f"{time.perf_counter() - t0:.2f} s)")
             return 0
         text = args.text
@@ -95,13 +101,10 @@ def main(argv=None) -> int:
         tts = TextToSpeech(args.model, device=args.device, threads=args.threads)
         rng = np.random.default_rng(args.seed)
         latents = load_voice(tts, args.voice, rng)
-        overrides = {}
-        if args.num_autoregressive_samples:
-            overrides["num_autoregressive_samples"] = args.num_autoregressive_samples
-        if args.diffusion_iterations:
-            overrides["diffusion_iterations"] = args.diffusion_iterations
-        if args.max_mel_tokens:
-            overrides["max_mel_tokens"] = args.max_mel_tokens
+        # 0 is a value (and an error the API names), not "use the preset"
+        overrides = {name: getattr(args, name) for name in ("num_autoregressive_samples", "diffusion_iterations",
+                                                            "max_mel_tokens", "sampler")
+                     if getattr(args, name) is not None}
         t0 = time.perf_counter()
         res, stats = tts.tts_with_preset(text, preset=args.preset, conditioning_latents=latents,
                                          k=args.candidates, seed=rng, verbose=not args.quiet, return_stats=True,
@@ -111,8 +114,9 @@ def main(argv=None) -> int:
         stem, ext = os.path.splitext(args.output)
         for i, wav in enumerate(clips):
             path = args.output if len(clips) == 1 else f"{stem}_{i}{ext or '.wav'}"
-            write_wav(path, wav)
-            _say(args, f"wrote {path} ({wav.shape[-1] / 24000:.2f} s of audio)")
+            rate = tts.audio_config.output_sample_rate
+            write_wav(path, wav, rate)
+            _say(args, f"wrote {path} ({wav.shape[-1] / rate:.2f} s of audio)")
         _say(args, f"{elapsed:.1f} s: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in stats.items()))
         return 0
     except (UsageError, FileNotFoundError, ValueError) as e:

@@ -302,8 +302,8 @@ class UnifiedVoice(Model):
 
     # -- conditioning ---------------------------------------------------------------------------------------------
     def get_conditioning(self, speech_conditioning_input) -> np.ndarray:
-        """Conditioning mels (B, n_clips, 80, T) or (B, 80, T) -> latent (B, model_dim): the encoder's frame 0 of
-        each clip, averaged over clips."""
+        """Conditioning mels (B, n_clips, spec_dim, T) or (B, spec_dim, T) -> latent (B, model_dim): the encoder's
+        frame 0 of each clip, averaged over clips."""
         x = floats(speech_conditioning_input, "speech_conditioning_input", finite=False, allow_empty=True)
         if x.ndim == 3:
             x = x[:, None]

@@ -226,12 +226,9 @@ class KernelPredictor:
     def __init__(self, w: ModuleWeights, cond_channels: int, conv_in_channels: int, conv_out_channels: int,
                  conv_layers: int, conv_kernel_size: int, kpnet_hidden_channels: int, kpnet_conv_size: int,
                  kpnet_input_conv_size: int, negative_slope: float):
-        self.conv_in_channels = conv_in_channels
-        self.conv_out_channels = conv_out_channels
-        self.conv_kernel_size = conv_kernel_size
-        self.conv_layers = conv_layers
+        self.conv_in_channels, self.conv_out_channels = conv_in_channels, conv_out_channels
+        self.conv_kernel_size, self.conv_layers, self.kpnet_conv_size = conv_kernel_size, conv_layers, kpnet_conv_size
         self.negative_slope = negative_slope
-        self.kpnet_conv_size = kpnet_conv_size
         hid, ks = kpnet_hidden_channels, kpnet_conv_size
         kernel_channels = conv_in_channels * conv_out_channels * conv_kernel_size * conv_layers
         bias_channels = conv_out_channels * conv_layers
