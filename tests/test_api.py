@@ -89,3 +89,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert generate(["--model", str(tmp_path / "nope.gguf"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "nope.gguf" in err and "Traceback" not in err
+
+
+def test_one_tts_shared_by_two_threads_gives_the_serial_results(tts):
+    """Two threads speaking at once (this crashed in ggml_get_rows before the lock) get what serial calls give."""
+    import threading
+
+    def speak(seed):
+        latents = tts.get_random_conditioning_latents(seed=seed)
+        return tts.tts("Hi.", conditioning_latents=latents, num_autoregressive_samples=2, max_mel_tokens=10,
+                       diffusion_iterations=2, verbose=False, seed=seed)
+
+    serial = {seed: speak(seed) for seed in (1, 2)}
+    got, errors = {}, []
+
+    def run(seed):
+        try:
+            got[seed] = speak(seed)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for seed in (1, 2):
+        np.testing.assert_array_equal(got[seed], serial[seed])

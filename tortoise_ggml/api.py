@@ -13,8 +13,10 @@ reproducible, but not the same stream as the PyTorch original.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -51,6 +53,17 @@ AR_SAMPLE_RATE = AudioConfig.input_sample_rate         # conditioning clips and 
 OUTPUT_SAMPLE_RATE = AudioConfig.output_sample_rate    # the diffusion mels and the audio
 
 
+def serialized(method):
+    """Run ``method`` holding the TextToSpeech's lock: the models share one backend, its graph allocator, cached
+    graphs and the KV cache, so two calls at once would overwrite each other's memory. Re-entrant: tts() calls
+    get_conditioning_latents under the same lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class MissingComponent(RuntimeError):
     """The model file has no weights for a stage that was asked for."""
 
@@ -63,6 +76,10 @@ class TextToSpeech:
     ``kv_cache_type``: "f32" or "f16" storage for the GPT-2 KV cache;
     ``mel_positions``: "fixed" (default) or "original" (reproduces tortoise's KV-cache position offset; see
     tortoise_ggml.models.autoregressive).
+
+    Threads: one TextToSpeech may be shared; its methods run one at a time (a lock around the models' shared
+    backend, graphs and KV cache), so two threads get what serial calls give. The model objects it holds
+    (``tts.autoregressive``, ...) take no lock: call those from one thread.
     """
 
     def __init__(self, model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
@@ -75,6 +92,7 @@ class TextToSpeech:
             raise ValueError(f"autoregressive_batch_size must be >= 1, got {autoregressive_batch_size}")
         if mel_positions not in ("fixed", "original"):
             raise ValueError(f"mel_positions must be 'fixed' or 'original', got {mel_positions!r}")
+        self._lock = threading.RLock()
         self.backend = pg.Backend(device, threads=threads) if device == "cpu" else pg.Backend(device)
         self.model_file = ModelFile(model_path, self.backend, components=components)
         self.autoregressive_batch_size = int(autoregressive_batch_size)
@@ -97,6 +115,7 @@ class TextToSpeech:
                                        "component)")
 
     # -- conditioning ------------------------------------------------------------------------------------------
+    @serialized
     def get_conditioning_latents(self, voice_samples, return_mels: bool = False, seed=None):
         """(autoregressive latent (1, model_dim), diffusion latent (1, 2*model_channels)) from 22.05 kHz clips.
 
@@ -129,6 +148,7 @@ class TextToSpeech:
             return auto_latent, diffusion_latent, auto_conds[None], diffusion_conds
         return auto_latent, diffusion_latent
 
+    @serialized
     def get_random_conditioning_latents(self, seed=None):
         """A random voice: the random-latent generators' (autoregressive, diffusion) latents."""
         self._need("rlg_auto", "rlg_diffusion")
@@ -145,6 +165,7 @@ class TextToSpeech:
         settings.update(kwargs)
         return self.tts(text, **settings)
 
+    @serialized
     def tts(self, text: str, voice_samples=None, conditioning_latents=None, k: int = 1, verbose: bool = True,
             seed=None, num_autoregressive_samples: int = 512, temperature: float = .8, length_penalty: float = 1,
             repetition_penalty: float = 2.0, top_p: float = .8, max_mel_tokens: int = 500,
