@@ -107,6 +107,16 @@ def _expand_number(m):
 
 
 def normalize_numbers(text: str) -> str:
+    try:
+        return _normalize_numbers(text)
+    except inflect.NumOutOfRangeError:
+        # tortoise dies here with inflect's message-less error
+        big = max(re.findall(r"\d+", text), key=len)
+        raise ValueError(f"the number {big[:20]}{'...' if len(big) > 20 else ''} ({len(big)} digits) is too large "
+                         "to read out: write it in words or separate its digits") from None
+
+
+def _normalize_numbers(text: str) -> str:
     # the order matters: commas go before currency, currency before decimals, ordinals before plain numbers
     text = re.sub(_comma_number_re, _remove_commas, text)
     text = re.sub(_pounds_re, r'\1 pounds', text)
