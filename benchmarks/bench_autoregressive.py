@@ -78,12 +78,13 @@ class Reference:
 
 
 class Ours:
-    def __init__(self, path: str, inp: dict, threads: int, max_new: int, kv_type: str, type: str):
+    def __init__(self, path: str, inp: dict, threads: int, max_new: int, kv_type: str, type: str,
+                 backend: str = "cpu"):
         import pyggml as pg
         from tortoise_ggml.models.autoregressive import UnifiedVoice
         from tortoise_ggml.weights.model_file import ModelFile
         self.label = f"ours {type}"
-        self.be = pg.Backend("cpu", threads=threads)
+        self.be = pg.Backend("cpu", threads=threads) if backend == "cpu" else pg.Backend(backend)
         self.mf = ModelFile(path, self.be, components=["autoregressive"], repack=not type.endswith("-plain"))
         self.layout = "AMX" if self.mf.matmul_buffer is not None else ""
         self.uv = UnifiedVoice(self.mf, self.be, kv_cache_type=kv_type)
@@ -135,6 +136,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "tortoise-ggml", "bench_ar"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="our side's backend")
     ap.add_argument("--types", default="f32,f16,q8_0")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--steps", type=int, default=3, help="decode steps per round")
@@ -153,13 +155,13 @@ def main():
     prefix = inp["text_tokens"].shape[1] + 4
     load0 = os.getloadavg()[0]
     models = [Reference(paths["ckpt"], inp)]
-    models += [Ours(paths[t.split("-")[0]], inp, a.threads, a.max_new, a.kv, t) for t in types]
+    models += [Ours(paths[t.split("-")[0]], inp, a.threads, a.max_new, a.kv, t, a.backend) for t in types]
     layouts = {m.label[5:]: m.layout for m in models[1:]}
     res = measure(models, batches, a.steps, a.rounds)
     load1 = os.getloadavg()[0]
     ref, ours = res["PyTorch"], {t: res[f"ours {t}"] for t in types}
 
-    print(f"\nUnifiedVoice full size (30 layers, 1024 wide), CPU, {a.threads} threads (torch "
+    print(f"\nUnifiedVoice full size (30 layers, 1024 wide), ours on {a.backend}, {a.threads} threads (torch "
           f"{torch.__version__}: {torch.get_num_threads()}), prefix {prefix} tokens, KV cache {a.kv} sized for "
           f"{a.max_new} new tokens; best of {a.rounds} interleaved rounds; load average {load0:.1f} -> "
           f"{load1:.1f}\n")
