@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import threading
 import time
 
@@ -48,6 +49,11 @@ PRESETS = {
     'single_sample': {'num_autoregressive_samples': 8, 'diffusion_iterations': 10, 'sampler': 'ddim'},
     'very_fast': {'num_autoregressive_samples': 32, 'diffusion_iterations': 30, 'sampler': 'dpm++2m'},
 }
+# the decoders tts() offers: tortoise/api.py's diffusion + UnivNet pipeline (the default), and api_fast.py's HiFi-GAN
+# on the autoregressive latents (the hifigan component, from hifidecoder.pth)
+DECODERS = ("univnet", "hifigan")
+# api_fast.py tts_stream: the first decode waits for this many codes, later ones for stream_chunk_size
+STREAM_FIRST_BUFFER = 60
 # tortoise's sample rates (the model file's AudioConfig holds them per file: tts.audio_config)
 AR_SAMPLE_RATE = AudioConfig.input_sample_rate         # conditioning clips and AR codes
 OUTPUT_SAMPLE_RATE = AudioConfig.output_sample_rate    # the diffusion mels and the audio
@@ -107,6 +113,17 @@ class TextToSpeech:
                 model = entry.model_class()(self.model_file, self.backend, component=entry.name,
                                             **options.get(entry.name, {}))
             setattr(self, entry.attribute, model)
+
+    def _text_tokens(self, text: str) -> np.ndarray:
+        """(1, T) token ids with tortoise's trailing pad 0; text that leaves no tokens (empty, only symbols the
+        cleaners drop) is an error, not a clip of noise."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, not {type(text).__name__}")
+        tokens = self.tokenizer.encode(text) if re.search(r"[^\W_]", text) else []
+        if not tokens:
+            raise ValueError(f"the text {text[:40]!r} has nothing to speak: no letters or digits left after "
+                             "tortoise's text cleaners")
+        return np.pad(np.asarray(tokens, np.int32)[None], ((0, 0), (0, 1)))  # as tortoise: "may not be necessary"
 
     def _need(self, *names: str) -> None:
         for name in names:
@@ -170,7 +187,8 @@ class TextToSpeech:
             seed=None, num_autoregressive_samples: int = 512, temperature: float = .8, length_penalty: float = 1,
             repetition_penalty: float = 2.0, top_p: float = .8, max_mel_tokens: int = 500,
             cvvp_amount: float = .0, diffusion_iterations: int = 100, cond_free: bool = True, sampler: str = "p",
-            cond_free_k: float = 2, diffusion_temperature: float = 1.0, top_k: int = 50, return_stats: bool = False):
+            cond_free_k: float = 2, diffusion_temperature: float = 1.0, top_k: int = 50, return_stats: bool = False,
+            decoder: str = "univnet"):
         """Speak ``text``: (1, samples) float32 at 24 kHz, or a list of k such clips (tortoise's tts()).
 
         Voice: ``voice_samples`` (22.05 kHz clips), else ``conditioning_latents`` (a pair from
@@ -179,10 +197,32 @@ class TextToSpeech:
         reproducible. ``return_stats`` adds a dict of per-stage seconds. ``sampler``: the diffusion sampler, as
         tortoise-tts-fast names them ("p": tortoise's own, "ddim", "dpm++2m"; utils.diffusion.SAMPLERS), run for
         ``diffusion_iterations`` steps; DPM-Solver samplers need ``cond_free``.
+
+        ``decoder``: "univnet" (default): tortoise/api.py's pipeline (num_autoregressive_samples candidates ranked
+        by CLVP, diffusion to a mel, UnivNet), the quality tortoise is known for and what every release model file
+        holds. "hifigan": tortoise/api_fast.py's tts(): one autoregressive sample (no CLVP ranking, no diffusion),
+        its latents decoded straight to audio by the HiFi-GAN decoder (the hifigan component, converted from
+        hifidecoder.pth): many times faster, at the fast path's quality, and the ``num_autoregressive_samples``
+        and diffusion settings are unused (``k`` must be 1). See also ``tts_stream``.
         """
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}: choose from {', '.join(DECODERS)}")
+        if decoder == "hifigan":
+            if k != 1:
+                raise ValueError(f"decoder='hifigan' speaks one autoregressive sample (api_fast.py): k must be 1, "
+                                 f"got {k}")
+            return self._tts_hifigan(text, voice_samples, conditioning_latents, verbose, seed, temperature,
+                                     repetition_penalty, top_p, top_k, max_mel_tokens, return_stats)
         self._need("autoregressive", "clvp", "diffusion", "vocoder")
-        if cvvp_amount:
-            raise NotImplementedError("CVVP re-ranking is not implemented (tortoise's default cvvp_amount is 0)")
+        if isinstance(cvvp_amount, bool) or not isinstance(cvvp_amount, (int, float, np.number)) \
+                or not 0 <= cvvp_amount <= 1:
+            raise ValueError(f"cvvp_amount must be a number in [0, 1], got {cvvp_amount!r}")
+        if cvvp_amount > 0:
+            self._need("cvvp")
+            if voice_samples is None:
+                raise ValueError("cvvp_amount > 0 needs voice_samples: CVVP compares the candidates with the voice "
+                                 "clips' conditioning mels, which conditioning latents do not carry (tortoise needs "
+                                 "the clips too); pass the clips, or cvvp_amount=0")
         if not 0 < max_mel_tokens <= self.autoregressive.max_mel_tokens - 3:
             raise ValueError(f"max_mel_tokens must be in (0, {self.autoregressive.max_mel_tokens - 3}], "
                              f"got {max_mel_tokens}")
@@ -191,15 +231,19 @@ class TextToSpeech:
         rng = as_generator(seed)
         stats = {}
         t0 = time.perf_counter()
-        text_tokens = np.asarray(self.tokenizer.encode(text), np.int32)[None]
-        text_tokens = np.pad(text_tokens, ((0, 0), (0, 1)))   # as tortoise: "This may not be necessary."
+        text_tokens = self._text_tokens(text)
         limit = self.autoregressive.config.max_text_tokens
         if text_tokens.shape[-1] > limit:
             raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "
                              "tortoise_ggml.utils.text.split_and_recombine_text and speak the parts")
+        auto_conds = None  # the clips' conditioning mels (1, n_clips, 80, T), which CVVP compares with
         if voice_samples is not None:
-            auto_conditioning, diffusion_conditioning = self.get_conditioning_latents(voice_samples, seed=rng)
+            auto_conditioning, diffusion_conditioning, auto_conds, _ = self.get_conditioning_latents(
+                voice_samples, return_mels=True, seed=rng)
         elif conditioning_latents is not None:
+            if isinstance(conditioning_latents, (str, os.PathLike)):  # a .npz or tortoise .pth latents file
+                from .voices import load_latents
+                conditioning_latents = load_latents(conditioning_latents)
             auto_conditioning, diffusion_conditioning = conditioning_latents
         else:
             auto_conditioning, diffusion_conditioning = self.get_random_conditioning_latents(seed=rng)
@@ -214,12 +258,15 @@ class TextToSpeech:
         t0 = time.perf_counter()
         samples = []
         batch_size = min(self.autoregressive_batch_size, num_autoregressive_samples)
-        num_batches = max(1, num_autoregressive_samples // batch_size)
-        progress = _progress(num_batches * max_mel_tokens, "autoregressive", verbose)
-        for b in range(num_batches):
+        # every sample asked for: a last, smaller batch takes the remainder (tortoise silently drops it)
+        batches = [batch_size] * (num_autoregressive_samples // batch_size)
+        if num_autoregressive_samples % batch_size:
+            batches.append(num_autoregressive_samples % batch_size)
+        progress = _progress(len(batches) * max_mel_tokens, "autoregressive", verbose)
+        for b, rows in enumerate(batches):
             done = b * max_mel_tokens
             codes = self.autoregressive.inference_speech(
-                auto_conditioning, text_tokens, num_return_sequences=batch_size, max_generate_length=max_mel_tokens,
+                auto_conditioning, text_tokens, num_return_sequences=rows, max_generate_length=max_mel_tokens,
                 do_sample=True, top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
                 top_k=top_k, rng=rng, mel_positions=self.mel_positions,
                 progress=(lambda n, total, done=done: progress(done + n)) if progress else None)
@@ -232,9 +279,7 @@ class TextToSpeech:
 
         t0 = time.perf_counter()
         samples = fix_autoregressive_output(samples, stop_mel_token, complain=verbose)
-        clip_results = np.concatenate([
-            self.clvp.forward(np.repeat(text_tokens, len(batch), axis=0), batch)
-            for batch in np.split(samples, range(batch_size, len(samples), batch_size))])
+        clip_results = self.score_candidates(text_tokens, samples, batch_size, cvvp_amount, auto_conds, verbose)
         best = np.argsort(-clip_results, kind="stable")[:k]
         best_results = samples[best]
         stats["clvp_s"] = time.perf_counter() - t0
@@ -259,6 +304,272 @@ class TextToSpeech:
             stats["vocoder_s"] += time.perf_counter() - t0
         res = wav_candidates if len(wav_candidates) > 1 else wav_candidates[0]
         return (res, stats) if return_stats else res
+
+    @serialized
+    def score_candidates(self, text_tokens, samples, batch_size: int = 16, cvvp_amount: float = 0.0,
+                         auto_conds=None, verbose: bool = False) -> np.ndarray:
+        """tortoise's candidate scores (N,) for fixed codes ``samples`` (N, S): CLVP's, mixed with CVVP's as
+        ``cvvp * cvvp_amount + clvp * (1 - cvvp_amount)`` when ``cvvp_amount`` > 0, CVVP's being the mean over the
+        clips' conditioning mels ``auto_conds`` (1, n_clips, 80, T) (get_conditioning_latents(return_mels=True));
+        per batch of ``batch_size`` candidates, as tortoise/api.py."""
+        if cvvp_amount > 0 and auto_conds is None:
+            raise ValueError("cvvp_amount > 0 needs the voice clips' conditioning mels (auto_conds)")
+        if verbose:
+            log.info("Computing best candidates using " + ("CLVP" if not cvvp_amount else
+                     f"CLVP {(1 - cvvp_amount) * 100:2.0f}% and CVVP {cvvp_amount * 100:2.0f}%"))
+        results = []
+        for batch in np.split(samples, range(batch_size, len(samples), batch_size)):
+            clvp_out = (self.clvp.forward(np.repeat(text_tokens, len(batch), axis=0), batch)
+                        if cvvp_amount != 1 else None)
+            if cvvp_amount > 0:
+                cvvp = self.cvvp.score(auto_conds, batch)
+                results.append(cvvp if cvvp_amount == 1 else
+                               cvvp * np.float32(cvvp_amount) + clvp_out * np.float32(1 - cvvp_amount))
+            else:
+                results.append(clvp_out)
+        return np.concatenate(results).astype(np.float32, copy=False)
+
+
+    # -- api_fast.py's path: one AR sample, its latents, HiFi-GAN -----------------------------------------------
+    def _need_hifigan(self) -> None:
+        self._need("autoregressive")
+        if self.hifi_decoder is None:
+            raise MissingComponent(
+                f"{self.model_file.path} has no hifigan component (tortoise api_fast.py's HiFi-GAN decoder, "
+                "hifidecoder.pth), which decoder='hifigan' and tts_stream need: put hifidecoder.pth in the models "
+                f"folder and convert again (python -m tortoise_ggml.convert MODELS_DIR -o {self.model_file.path}; "
+                "the converter includes hifidecoder.pth whenever it is there)")
+
+    def _fast_prepare(self, text: str, voice_samples, conditioning_latents, rng, max_mel_tokens: int):
+        """Text tokens and the autoregressive conditioning latent (1, model_dim) for the HiFi-GAN path: from clips,
+        given latents (a get_conditioning_latents pair or the AR latent alone), or a random voice (rlg_auto)."""
+        self._need_hifigan()
+        ar = self.autoregressive
+        if isinstance(max_mel_tokens, bool) or not isinstance(max_mel_tokens, (int, np.integer)) \
+                or not 0 < max_mel_tokens <= ar.max_mel_tokens - 3:
+            raise ValueError(f"max_mel_tokens must be an integer in (0, {ar.max_mel_tokens - 3}], "
+                             f"got {max_mel_tokens!r}")
+        text_tokens = np.asarray(self.tokenizer.encode(text), np.int32)[None]
+        text_tokens = np.pad(text_tokens, ((0, 0), (0, 1)))   # as tortoise: "This may not be necessary."
+        limit = ar.config.max_text_tokens
+        if text_tokens.shape[-1] > limit:
+            raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "
+                             "tortoise_ggml.utils.text.split_and_recombine_text and speak the parts")
+        if voice_samples is not None:
+            if isinstance(voice_samples, np.ndarray) and voice_samples.ndim == 1:
+                voice_samples = [voice_samples]
+            voice_samples = list(voice_samples)
+            if not voice_samples:
+                raise ValueError("voice_samples holds no clip")
+            ac = self.audio_config
+            conds = np.stack([audio.format_conditioning(v, self.mel_norms, cond_length=ac.conditioning_length,
+                                                        rng=rng) for v in voice_samples])
+            auto_conditioning = ar.get_conditioning(conds[None])
+        elif conditioning_latents is not None:
+            auto_conditioning = (conditioning_latents[0] if isinstance(conditioning_latents, (tuple, list))
+                                 else conditioning_latents)
+        else:
+            self._need("rlg_auto")
+            auto_conditioning = self.rlg_auto.sample(rng, 1)
+        auto_conditioning = np.asarray(auto_conditioning, dtype=np.float32).reshape(1, -1) \
+            if np.size(auto_conditioning) == ar.model_dim else np.asarray(auto_conditioning)
+        if auto_conditioning.shape != (1, ar.model_dim) or not np.isfinite(auto_conditioning).all():
+            raise ValueError(f"the autoregressive conditioning latent must be ({ar.model_dim},) or "
+                             f"(1, {ar.model_dim}) finite floats, got shape {np.shape(auto_conditioning)}")
+        return text_tokens, auto_conditioning
+
+    def _tts_hifigan(self, text, voice_samples, conditioning_latents, verbose, seed, temperature,
+                     repetition_penalty, top_p, top_k, max_mel_tokens, return_stats):
+        """api_fast.py's tts(): one sample, the teacher-forced latents of its codes, HiFi-GAN (under tts()'s lock)."""
+        rng = as_generator(seed)
+        stats = {}
+        t0 = time.perf_counter()
+        text_tokens, auto_conditioning = self._fast_prepare(text, voice_samples, conditioning_latents, rng,
+                                                            max_mel_tokens)
+        stats["conditioning_s"] = time.perf_counter() - t0
+        ar = self.autoregressive
+        t0 = time.perf_counter()
+        progress = _progress(max_mel_tokens, "autoregressive", verbose)
+        codes = ar.inference_speech(auto_conditioning, text_tokens, num_return_sequences=1,
+                                    max_generate_length=max_mel_tokens, do_sample=True, top_p=top_p,
+                                    temperature=temperature, repetition_penalty=repetition_penalty, top_k=top_k,
+                                    rng=rng, mel_positions=self.mel_positions,
+                                    progress=(lambda n, total: progress(n)) if progress else None)
+        if progress:
+            progress.close()
+        stats["autoregressive_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        latents = ar.forward(auto_conditioning, text_tokens, np.array([text_tokens.shape[-1]]), codes,
+                             np.array([codes.shape[-1] * ar.mel_length_compression]), return_latent=True,
+                             clip_inputs=False)
+        stats["latents_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        wav = self.hifi_decoder.inference(latents, auto_conditioning)[0]              # (1, samples)
+        stats["hifigan_s"] = time.perf_counter() - t0
+        return (wav, stats) if return_stats else wav
+
+    def tts_stream(self, text: str, voice_samples=None, conditioning_latents=None, verbose: bool = False,
+                   seed=None, overlap_wav_len: int = 1024, stream_chunk_size: int = 40, temperature: float = .8,
+                   length_penalty: float = 1, repetition_penalty: float = 2.0, top_p: float = .8, top_k: int = 50,
+                   max_mel_tokens: int = 500, do_sample: bool = True, first_buffer: int = STREAM_FIRST_BUFFER):
+        """Speak ``text`` as it is generated: a generator of float32 chunks (samples,) at 24 kHz, with
+        tortoise/api_fast.py tts_stream's semantics. One autoregressive sample is decoded step by step; each step's
+        latent is the final norm of its last hidden state (taken from the decode step, as tortoise's stream
+        generator yields it). After the first ``first_buffer`` codes (api_fast: 60; fewer give the first audio
+        sooner), then every ``stream_chunk_size`` codes, and once at the end, the latents so far are decoded by
+        HiFi-GAN and joined as api_fast's handle_chunks does: each chunk is the audio after the previous one's,
+        its first ``overlap_wav_len`` samples a linear crossfade with the previous decode's last
+        ``overlap_wav_len`` samples, which that chunk held back (so, as in tortoise, the last ``overlap_wav_len``
+        samples of the utterance are never yielded).
+
+        Unlike tortoise, each decode computes only the new audio and its receptive field
+        (HifiganGenerator.decode), not all the audio so far: the same samples up to float rounding, at a cost
+        that does not grow with the utterance. Voice as tts(decoder="hifigan"): ``voice_samples``, else
+        ``conditioning_latents`` (a pair, or the autoregressive latent alone), else a random voice (rlg_auto).
+        ``max_mel_tokens`` caps the codes (tortoise's stream caps prompt + codes at 500 instead). ``seed``: int or
+        numpy Generator: with the same seed the codes are those of tts(decoder="hifigan"). Bad arguments raise
+        here, before anything is generated. Returns a SpeechStream (an iterator of chunks, with the codes, latents
+        and timings so far); closing or dropping it frees its KV cache.
+        """
+        started = time.perf_counter()
+        for name, value, low in (("stream_chunk_size", stream_chunk_size, 1), ("overlap_wav_len", overlap_wav_len, 0),
+                                 ("first_buffer", first_buffer, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        with self._lock:
+            self._need_hifigan()
+            hop = self.hifi_decoder.hop_length
+            from .models.hifigan_decoder import upsampled_frames
+            # the fewest samples a chunk of stream_chunk_size codes adds (frames are floored), and the first chunk
+            chunk_samples = min(hop * (upsampled_frames(stream_chunk_size + 1) - upsampled_frames(1)),
+                                hop * upsampled_frames(max(stream_chunk_size, first_buffer)) - overlap_wav_len)
+            if overlap_wav_len > chunk_samples:
+                raise ValueError(f"overlap_wav_len ({overlap_wav_len} samples) is longer than a chunk: "
+                                 f"{stream_chunk_size} codes make at least {chunk_samples} samples")
+            rng = as_generator(seed)
+            text_tokens, auto_conditioning = self._fast_prepare(text, voice_samples, conditioning_latents, rng,
+                                                                max_mel_tokens)
+            codes = self.autoregressive.inference_speech_stream(
+                auto_conditioning, text_tokens, max_generate_length=max_mel_tokens, do_sample=do_sample,
+                top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty, top_k=top_k, rng=rng,
+                mel_positions=self.mel_positions)
+        return SpeechStream(self, codes, auto_conditioning, int(stream_chunk_size), int(overlap_wav_len), verbose,
+                            started, int(first_buffer))
+
+
+class SpeechStream:
+    """What tts_stream returns: an iterator of float32 audio chunks (samples,) at 24 kHz, with what it has made so
+    far: ``codes`` (the generated codes, the stop code included), ``latents`` (N, model_dim) (one per code: the
+    final-normed hidden state it was sampled from) and ``stats`` (seconds: ``first_chunk_s`` from the call to the
+    first chunk, ``autoregressive_s``, ``hifigan_s``, ``elapsed_s``; ``audio_s`` yielded). ``close()`` (or
+    dropping it) stops the generation and frees its KV cache.
+
+    The TextToSpeech's lock is held while a step computes, never across a yield: a consumer may pause as long as it
+    likes, but another call on the same TextToSpeech meanwhile takes the KV cache over, and the stream then raises.
+    """
+
+    def __init__(self, tts: TextToSpeech, codes, auto_conditioning: np.ndarray, chunk_size: int, overlap: int,
+                 verbose: bool, started: float, first_buffer: int = STREAM_FIRST_BUFFER):
+        self.codes: list[int] = []
+        self._latents: list[np.ndarray] = []
+        self.stats = {"first_chunk_s": None, "autoregressive_s": 0.0, "hifigan_s": 0.0, "elapsed_s": 0.0,
+                      "audio_s": 0.0}
+        self._steps = codes
+        # the generator gets the lists, not the stream: no reference cycle, so dropping the stream frees it at once
+        self._gen = _stream_chunks(tts, codes, auto_conditioning, chunk_size, overlap, verbose, started, self.codes,
+                                   self._latents, self.stats, first_buffer)
+
+    @property
+    def latents(self) -> np.ndarray:
+        return np.stack(self._latents) if self._latents else np.zeros((0, 0), np.float32)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+        self._steps.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+
+def _stream_chunks(tts: TextToSpeech, codes, auto_conditioning, chunk_size: int, overlap: int, verbose: bool,
+                   started: float, code_list: list, latents: list, stats: dict, first_buffer: int):
+    """SpeechStream's generator: api_fast.py's tts_stream loop and its handle_chunks, decoding only new audio."""
+    from .models.hifigan_decoder import upsample_latents
+    hifi = tts.hifi_decoder
+    hop = hifi.hop_length
+    rate = tts.audio_config.output_sample_rate
+    pending = 0
+    prev_len, tail = None, None       # api_fast's wav_gen_prev.shape[0] and wav_overlap
+    ended = False
+    try:
+        while not ended:
+            with tts._lock:
+                t0 = time.perf_counter()
+                try:
+                    code, latent = next(codes)
+                    latents.append(latent)
+                    code_list.append(code)
+                    pending += 1
+                except StopIteration:
+                    ended = True
+                stats["autoregressive_s"] += time.perf_counter() - t0
+                if not ended and pending < max(chunk_size, first_buffer):
+                    continue
+                first_buffer, pending = 0, 0
+                if not latents:
+                    break
+                t0 = time.perf_counter()
+                frames = upsample_latents(np.stack(latents)[None])                   # (1, F, d)
+                total = frames.shape[1] * hop                                           # api_fast's len(wav_gen)
+                if prev_len is not None and total <= prev_len:
+                    continue                                                            # nothing new
+                start = 0 if prev_len is None else max(prev_len - overlap, 0)
+                first = start // hop
+                wav = hifi.decode(frames, auto_conditioning, first, frames.shape[1])[0, :, 0]
+                wav = wav[start - first * hop:]                                         # wav_gen[start:]
+                chunk = wav[:max(total - overlap - start, 0)].copy()                    # ...[:-overlap]
+                if tail is not None and overlap:
+                    n = min(overlap, chunk.shape[0])
+                    ramp_up, ramp_down = _linspace(0.0, 1.0, overlap)[:n], _linspace(1.0, 0.0, overlap)[:n]
+                    chunk[:n] = tail[:n] * ramp_down + chunk[:n] * ramp_up
+                tail = wav[wav.shape[0] - overlap:].copy() if overlap else None
+                prev_len = total
+                stats["hifigan_s"] += time.perf_counter() - t0
+            if chunk.shape[0]:
+                stats["audio_s"] += chunk.shape[0] / rate
+                stats["elapsed_s"] = time.perf_counter() - started
+                if stats["first_chunk_s"] is None:
+                    stats["first_chunk_s"] = stats["elapsed_s"]
+                if verbose:
+                    log.info("stream: %d codes, %.2f s of audio in %.2f s", len(latents), stats["audio_s"],
+                             stats["elapsed_s"])
+                yield chunk
+    finally:
+        codes.close()  # releases the KV cache (also when the consumer stops early)
+        stats["elapsed_s"] = time.perf_counter() - started
+
+
+def _linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps) in float32 as torch's CPU kernel computes it (from both ends)."""
+    if steps == 1:
+        return np.array([start], np.float32)
+    f = np.float32
+    step = (f(end) - f(start)) / f(steps - 1)
+    idx = np.arange(steps)
+    half = steps // 2
+    lo = f(start) + step * idx[:half].astype(np.float32)
+    hi = f(end) - step * (steps - idx[half:] - 1).astype(np.float32)
+    return np.concatenate([lo, hi]).astype(np.float32)
 
 
 def trim_at_silence(codes: np.ndarray) -> int:
@@ -343,12 +654,38 @@ def diffusion_frames(model_file, n_codes: int) -> int:
     return model_file.audio_config.diffusion_frames(n_codes, compression)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_wav(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> None:
-    """Write a float waveform (samples,) or (1, samples) as 16-bit PCM WAV (soundfile)."""
+    """Write a float waveform (samples,) or (1, samples) as 16-bit PCM (soundfile; the format from the extension,
+    .wav when none). Atomic: written to a temporary file beside ``path``, then renamed, so a full disk or an
+    interruption never leaves a truncated file (or destroys the one that was there)."""
+    import tempfile
+
     import soundfile
     wav = np.asarray(wav, np.float32)
     if wav.ndim == 2 and wav.shape[0] == 1:
         wav = wav[0]
     if wav.ndim != 1:
         raise ValueError(f"write_wav takes one mono clip (samples,) or (1, samples), got shape {wav.shape}")
-    soundfile.write(os.fspath(path), np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower() or ".wav"
+    fmt = soundfile.available_formats().get(ext[1:].upper())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown audio format {ext!r} (soundfile writes "
+                         f"{', '.join(sorted(soundfile.available_formats()))})")
+    subtype = "PCM_16" if ext[1:].upper() in ("WAV", "FLAC", "AIFF") else None
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        soundfile.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype=subtype, format=ext[1:].upper())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as a plain open() would have made it
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

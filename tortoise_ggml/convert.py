@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--type", default="f32", choices=TYPES, help="storage type of the weight matrices")
     ap.add_argument("--components", default=None,
                     help=f"comma-separated subset of: {','.join(COMPONENTS)} (default: all)")
-    ap.add_argument("--voices", default=None, help="tortoise voices dir: store its precomputed .pth latents")
+    ap.add_argument("--voices", default=None,
+                    help="tortoise voices dir (DIR/NAME/*.wav|mp3|flac clips, or DIR/NAME/*.pth latents): store "
+                    "each voice's conditioning latents (computed from the clips with the checkpoints)")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")

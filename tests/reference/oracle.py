@@ -31,6 +31,7 @@ from tortoise.models.autoregressive import UnifiedVoice  # noqa: E402
 from tortoise.models.clvp import CLVP  # noqa: E402
 from tortoise.models.cvvp import CVVP  # noqa: E402
 from tortoise.models.diffusion_decoder import DiffusionTts  # noqa: E402
+from tortoise.models.hifigan_decoder import HifiganGenerator  # noqa: E402
 from tortoise.models.random_latent_generator import RandomLatentConverter  # noqa: E402
 from tortoise.models.vocoder import UnivNetGenerator  # noqa: E402
 from tortoise.utils.tokenizer import VoiceBpeTokenizer  # noqa: E402
@@ -52,9 +53,15 @@ CONFIGS = {
                      speech_seq_len=430, use_xformers=True),
         'cvvp': dict(model_dim=512, transformer_heads=8, dropout=0, mel_codes=8192, conditioning_enc_depth=8,
                      cond_mask_percentage=0, speech_enc_depth=8, speech_mask_percentage=0, latent_multiplier=1),
-        'vocoder': dict(),  # UnivNetGenerator() defaults: noise_dim=64, channel_size=32, dilations=[1,3,9,27], strides=[8,8,4]
+        # UnivNetGenerator() defaults: noise_dim=64, channel_size=32, dilations=[1,3,9,27], strides=[8,8,4]
+        'vocoder': dict(),
         'rlg_auto': dict(channels=1024),
         'rlg_diffuser': dict(channels=2048),
+        # tortoise/api_fast.py TextToSpeech.__init__
+        'hifigan': dict(in_channels=1024, out_channels=1, resblock_type="1",
+                        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], resblock_kernel_sizes=[3, 7, 11],
+                        upsample_kernel_sizes=[16, 16, 4, 4], upsample_initial_channel=512,
+                        upsample_factors=[8, 8, 2, 2], cond_channels=1024),
     },
     'small': {
         # size knobs: layers, model_dim, heads (model_dim % 32 == 0 for the GroupNorm32 in the conditioning encoder)
@@ -77,6 +84,13 @@ CONFIGS = {
         'vocoder': dict(noise_dim=16, channel_size=16, dilations=[1, 3], strides=[8, 8, 4]),
         'rlg_auto': dict(channels=128),      # = AR model_dim
         'rlg_diffuser': dict(channels=256),  # = 2 * diffusion model_channels
+        # size knobs: upsample_initial_channel (channels halve per upsample; 256 keeps every level a multiple of
+        # 16, the fused CPU kernels' vector width); in_channels and cond_channels must equal the AR model_dim;
+        # upsample factors must multiply to 256 (24 kHz from the 93.75 Hz latent frames)
+        'hifigan': dict(in_channels=128, out_channels=1, resblock_type="1",
+                        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], resblock_kernel_sizes=[3, 7, 11],
+                        upsample_kernel_sizes=[16, 16, 4, 4], upsample_initial_channel=256,
+                        upsample_factors=[8, 8, 2, 2], cond_channels=128),
     },
 }
 
@@ -89,9 +103,10 @@ FILES = {
     'vocoder': 'vocoder.pth',
     'rlg_auto': 'rlg_auto.pth',
     'rlg_diffuser': 'rlg_diffuser.pth',
+    'hifigan': 'hifidecoder.pth',  # tortoise/api_fast.py MODELS
 }
 SEED_OFFSET = {'autoregressive': 0, 'diffusion': 1, 'clvp': 2, 'cvvp': 3, 'vocoder': 4, 'rlg_auto': 5,
-               'rlg_diffuser': 6}
+               'rlg_diffuser': 6, 'hifigan': 7}
 
 SAMPLE_TEXT = 'Hello, this is a test of the Tortoise text to speech system. It costs $3.50 on Dec. 5th!'
 # ~5 s of audio: 108 AR mel codes (22050/1024 = 21.5 codes/s) -> 108*4*24000//22050 = 470 diffusion mel frames
@@ -120,7 +135,17 @@ def construct(name, size):
         return UnivNetGenerator(**cfg).cpu()
     if name in ('rlg_auto', 'rlg_diffuser'):
         return RandomLatentConverter(cfg['channels']).eval()
+    if name == 'hifigan':
+        return construct_hifigan(cfg)
     raise KeyError(name)
+
+
+def construct_hifigan(cfg):
+    """HifiganGenerator(**cfg) (its weight_norm calls warn that weight_norm is deprecated: silenced)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        return HifiganGenerator(**cfg).eval()
 
 
 @torch.no_grad()
@@ -214,8 +239,23 @@ def load(name, size, ckpt=None, kv_cache=True):
         m.eval(inference=True)  # removes weight norm
     elif name in ('rlg_auto', 'rlg_diffuser'):
         m.load_state_dict(torch.load(path, map_location=torch.device('cpu')))
+    elif name == 'hifigan':
+        load_hifigan(m, path)
     else:
         m.load_state_dict(torch.load(path))
+    return m
+
+
+def load_hifigan(m, path):
+    """As api_fast.py: load_state_dict(strict=False), then fold weight norm (HifiganGenerator.remove_weight_norm,
+    quietly: it prints). api_fast keeps weight norm, which recomputes the same g * v / |v| every forward; folding it
+    once is what the converter stores, so the folded weights are what both sides compute with."""
+    import contextlib
+    import io
+    missing, unexpected = m.load_state_dict(torch.load(path, map_location=torch.device('cpu')), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)  # strict=False would hide a broken file
+    with contextlib.redirect_stdout(io.StringIO()):
+        m.remove_weight_norm()
     return m
 
 
@@ -405,6 +445,23 @@ def diffusion_sample(diff, latents, cond_latent, steps=4, cond_free=True, seed=0
 def vocoder_run(voc, mel, z=None):
     """UnivNetGenerator.inference (pads 10 frames of -11.5129, trims 2560 samples, clamps to [-1,1])."""
     return voc.inference(mel, z)
+
+
+@torch.no_grad()
+def hifigan_inference(hifi, latents, voice_latent):
+    """HifiganGenerator.inference(c, g) on CPU: its two linear interpolations (x 1024/256, then x 24000/22050) and
+    forward with g = voice_latent.unsqueeze(0).transpose(1, 2), as the reference (which moves x to "cuda"
+    unconditionally, so it cannot be called as is here). latents (1, T, D), voice_latent (1, cond) -> (1, 1, S)."""
+    up_1 = F.interpolate(latents.transpose(1, 2), scale_factor=[1024 / 256], mode="linear")
+    up_2 = F.interpolate(up_1, scale_factor=[24000 / 22050], mode="linear")
+    g = voice_latent.unsqueeze(0)
+    return hifi.forward(up_2, g.transpose(1, 2))
+
+
+def handle_chunks(wav_gen, wav_gen_prev, wav_overlap, overlap_len):
+    """tortoise/api_fast.py TextToSpeech.handle_chunks (it uses no state of the instance)."""
+    from tortoise.api_fast import TextToSpeech as FastTextToSpeech
+    return FastTextToSpeech.handle_chunks(None, wav_gen, wav_gen_prev, wav_overlap, overlap_len)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
-from ..utils.checks import floats, ids
+from ..utils.checks import as_generator, floats, ids
 from .arch_util import AttentionBlock, Conv1d, Embedding, LayerNorm, Linear, ModuleWeights
 from .base import Model
 from .gpt2 import GPT2Model
@@ -108,6 +108,8 @@ class GPT2InferenceModel:
         self.cached_mel_emb: np.ndarray | None = None
         self.cache: KVCache | None = None
         self._step = None
+        self._prefill_latent: np.ndarray | None = None  # the start position's latent until the first decode
+        self.session = 0  # counts start() calls: a paused stream checks that the cache is still its own
 
     def store_mel_emb(self, mel_emb: np.ndarray) -> None:
         """The prefix embedding [cond | text], (1, P-1, model_dim)."""
@@ -117,9 +119,23 @@ class GPT2InferenceModel:
             raise ValueError(f"mel_emb must have shape (1, P, {d}), got {mel_emb.shape}")
         self.cached_mel_emb = mel_emb
 
+    def _latent(self, ctx: Context, hidden: Tensor) -> Tensor:
+        """final_norm(ln_f(hidden)): what tortoise's stream generator yields per step (final_norm of the last hidden
+        state) and what lm_head's first module computes."""
+        return self.final_norm.forward(ctx, self.transformer.ln_f.forward(ctx, hidden))
+
     def _lm_head(self, ctx: Context, hidden: Tensor) -> Tensor:
         """ln_f (GPT2Model's last op), then lm_head = Sequential(final_norm, mel_head)."""
-        return self.lm_head.forward(ctx, self.final_norm.forward(ctx, self.transformer.ln_f.forward(ctx, hidden)))
+        return self.lm_head.forward(ctx, self._latent(ctx, hidden))
+
+    def last_latents(self) -> np.ndarray:
+        """(num_rows, model_dim): the latent (final_norm of the last hidden state) of the position whose logits the
+        last start() or decode() returned, i.e. of the token the next code is sampled after."""
+        if self._step is None:
+            raise RuntimeError("start must be called before last_latents")
+        if self._prefill_latent is not None:
+            return np.repeat(self._prefill_latent, self._step.n_rows, axis=0)
+        return self._step.latent.get().reshape(self._step.n_rows, -1)
 
     def start(self, start_token: int, num_rows: int, max_new_tokens: int, mel_positions: str = "fixed"
               ) -> np.ndarray:
@@ -148,6 +164,7 @@ class GPT2InferenceModel:
         if self._step is None:
             self._step = _DecodeStep(self)
         self._step.reset(prefix, first_pos, capacity)
+        self.session += 1
         return np.repeat(logits.reshape(1, -1), num_rows, axis=0)
 
     def _prefill(self, start_token: int, prefix: int) -> np.ndarray:
@@ -162,20 +179,26 @@ class GPT2InferenceModel:
         writes = []
         hidden = self.transformer.blocks(ctx, emb, mask, self.cache, slots, attend_cache=False, writes=writes)
         last = ctx.view(hidden, (hidden.ne[0], 1, 1), offset=(prefix - 1) * hidden.nb[1])
-        logits = self._lm_head(ctx, last)
-        self.backend.compute(Graph(ctx, logits, *writes), inputs.feed)
+        latent = self._latent(ctx, last).set_output()
+        logits = self.lm_head.forward(ctx, latent)
+        self.backend.compute(Graph(ctx, logits, latent, *writes), inputs.feed)
+        self._prefill_latent = latent.get().reshape(1, -1)
         return logits.get().reshape(-1)
 
     def release(self) -> None:
         """Free the KV cache and the decode graph (the next start() makes new ones)."""
         self._step = None
         self.cache = None
+        self._prefill_latent = None
+        self.session += 1
 
     def decode(self, next_tokens) -> np.ndarray:
         """Feed one token per row (N,) -> logits for the next position (N, vocab)."""
         if self._step is None:
             raise RuntimeError("start must be called before decode")
-        return self._step(next_tokens)
+        logits = self._step(next_tokens)
+        self._prefill_latent = None
+        return logits
 
 
 class _DecodeStep:
@@ -194,8 +217,9 @@ class _DecodeStep:
                       model.text_pos_embedding.emb.forward(ctx, self.position))
         self.fused = model.fused_attention and gpt.fused_attention_usable(model.backend, cache)
         hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True, fused=self.fused)
-        self.logits = model._lm_head(ctx, hidden)                                  # ne (vocab, 1, N)
-        self.graph = Graph(ctx, self.logits)
+        self.latent = model._latent(ctx, hidden).set_output()                     # ne (d, 1, N)
+        self.logits = model.lm_head.forward(ctx, self.latent)                      # ne (vocab, 1, N)
+        self.graph = Graph(ctx, self.logits, self.latent)
         self.allocator = pg.GraphAllocator(model.backend)
         self.mask_host = np.full((1, cache.capacity), -np.inf, dtype=np.float16)
         self.vocab = model.embeddings.num_embeddings
@@ -436,3 +460,46 @@ class UnifiedVoice(Model):
                                 repetition_penalty=repetition_penalty,
                                 typical_mass=typical_mass if typical_sampling else None, rng=rng, progress=progress)
         return gen[:, trunc_index:]
+
+    def inference_speech_stream(self, speech_conditioning_latent, text_inputs, max_generate_length: int | None = None,
+                                typical_sampling: bool = False, typical_mass: float = .9, do_sample: bool = True,
+                                top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
+                                top_k: int = 50, rng: np.random.Generator | int | None = None,
+                                mel_positions: str = "fixed"):
+        """One sequence as ``inference_speech`` samples it, step by step: a generator of (code, latent) per generated
+        token, as tortoise's stream generator (get_generator, api_fast.py's tts_stream) yields them. ``latent``
+        (model_dim,) float32 is final_norm of the last hidden state at the position the code was sampled after (the
+        start token's for the first code): the i-th latent is the i-th of ``forward(..., return_latent=True)`` on
+        the codes. The last pair is (stop_mel_token, latent) unless ``max_generate_length`` codes come first. With
+        the same ``rng`` the codes are those of ``inference_speech(num_return_sequences=1)``.
+
+        The KV cache lives while the generator does: closing it (or dropping it) releases the cache. Another
+        generation on this model while the stream is paused takes the cache over: the stream then raises."""
+        from ..utils import sampling
+
+        fake_inputs = self.compute_prefix(speech_conditioning_latent, text_inputs)
+        max_new = self.max_mel_tokens - 1 if max_generate_length is None else int(max_generate_length)
+        im = self.inference_model
+        scores = im.start(self.start_mel_token, 1, max_new, mel_positions)
+        session = im.session
+        rng = as_generator(rng) if do_sample else None
+        settings = dict(eos_token_id=self.stop_mel_token, pad_token_id=self.stop_mel_token, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        typical_mass=typical_mass if typical_sampling else None, rng=rng)
+        input_ids = fake_inputs
+        try:
+            for step in range(max_new):
+                latent = im.last_latents()[0]
+                # one step of the same sampling loop (one Generator: the draws of a whole inference_speech run)
+                input_ids = sampling.generate(None, scores, input_ids, max_new_tokens=1, **settings)
+                code = int(input_ids[0, -1])
+                yield code, latent
+                if code == self.stop_mel_token or step == max_new - 1:
+                    return
+                if im.session != session:
+                    raise RuntimeError("another generation started on this model while the stream was paused: its "
+                                       "KV cache is gone")
+                scores = im.decode(np.array([code]))
+        finally:
+            if im.session == session:
+                im.release()

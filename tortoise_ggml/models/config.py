@@ -257,6 +257,66 @@ class RandomLatentConfig(Config):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HifiganConfig(Config):
+    """tortoise/models/hifigan_decoder.py HifiganGenerator (api_fast.py's decoder). ``resblock_dilations`` is the
+    constructor's ``resblock_dilation_sizes`` flattened (GGUF arrays are flat): each ResBlock's dilations in turn,
+    3 per block of type "1", 2 per block of type "2" (what the reference's ResBlock1 / ResBlock2 read)."""
+
+    component: ClassVar[str] = "hifigan"
+    in_channels: int = size()
+    out_channels: int = size(1)
+    resblock_type: str = "1"
+    resblock_kernel_sizes: list[int] = sizes()
+    resblock_dilations: list[int] = sizes()
+    upsample_kernel_sizes: list[int] = sizes()
+    upsample_factors: list[int] = sizes()
+    upsample_initial_channel: int = size()
+    cond_channels: int = nonnegative(0)
+    conv_post_bias: bool = True
+
+    DILATIONS_PER_BLOCK: ClassVar[dict[str, int]] = {"1": 3, "2": 2}
+
+    def validate(self, component=None) -> None:
+        super().validate(component)
+        if self.resblock_type not in self.DILATIONS_PER_BLOCK:
+            self._fail(component, "resblock_type", f"is {self.resblock_type!r}, expected '1' or '2'")
+        per = self.DILATIONS_PER_BLOCK[self.resblock_type]
+        if len(self.resblock_dilations) != per * len(self.resblock_kernel_sizes):
+            self._fail(component, "resblock_dilations", f"has {len(self.resblock_dilations)} values, expected {per} "
+                                                         f"per ResBlock{self.resblock_type} for the "
+                                                         f"{len(self.resblock_kernel_sizes)} kernel sizes")
+        if len(self.upsample_factors) != len(self.upsample_kernel_sizes):
+            self._fail(component, "upsample_factors", f"{self.upsample_factors} does not pair with the upsample "
+                                                       f"kernel sizes {self.upsample_kernel_sizes}")
+        for u, k in zip(self.upsample_factors, self.upsample_kernel_sizes):
+            if k < u or (k - u) % 2:
+                self._fail(component, "upsample_factors", f"factor {u} with kernel {k}: the transposed convolution "
+                                                           "(padding (k-u)/2) would not upsample exactly")
+            if k % u:  # every HiFi-GAN config has k = 2u; ggml's time-major transposed conv takes k = n*u
+                self._fail(component, "upsample_factors", f"factor {u} with kernel {k}: tortoise-ggml needs kernels "
+                                                           "that are a multiple of their factor")
+        self._divides("upsample_initial_channel", self.upsample_initial_channel, 2 ** len(self.upsample_factors),
+                      "2 ** upsamples")
+        if any(k % 2 == 0 for k in self.resblock_kernel_sizes):
+            self._fail(component, "resblock_kernel_sizes", f"{self.resblock_kernel_sizes}: 'same' convolutions need "
+                                                           "odd kernels")
+
+    @property
+    def hop_length(self) -> int:
+        """Output samples per input frame (the product of the upsample factors)."""
+        return math.prod(self.upsample_factors)
+
+    def channels(self, level: int) -> int:
+        """Channels after upsample ``level`` (0-based); level -1: conv_pre's output."""
+        return self.upsample_initial_channel // 2 ** (level + 1)
+
+    def dilations(self, block: int) -> list[int]:
+        """The dilations of ResBlock ``block`` (of each level's ``len(resblock_kernel_sizes)``)."""
+        per = self.DILATIONS_PER_BLOCK[self.resblock_type]
+        return list(self.resblock_dilations[per * block: per * (block + 1)])
+
+
+@dataclass(frozen=True, kw_only=True)
 class AudioConfig(Config):
     """The front-end and pipeline sizes tortoise/api.py and tortoise/utils/audio.py fix: sample rates, clip
     lengths, STFT hops. Files from older converters lack these keys: the defaults are tortoise's values."""
@@ -277,4 +337,4 @@ class AudioConfig(Config):
 
 
 __all__ = ["Config", "ConfigError", "AutoregressiveConfig", "DiffusionConfig", "ClvpConfig", "CvvpConfig",
-           "VocoderConfig", "RandomLatentConfig", "AudioConfig", "METADATA_ROOT"]
+           "VocoderConfig", "RandomLatentConfig", "HifiganConfig", "AudioConfig", "METADATA_ROOT"]

@@ -433,6 +433,81 @@ def rlg_keys(hp: dict) -> dict[str, Shape]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# hifigan: tortoise/models/hifigan_decoder.py HifiganGenerator (api_fast.py's decoder, hifidecoder.pth)
+# ------------------------------------------------------------------------------------------------------------------
+# hifidecoder.pth is HifiganGenerator's own state dict (no wrapper key), its convolutions weight-normed
+# (x.weight_g / x.weight_v, folded by the converter: weight_norm_pairs); cond_layer is a plain Conv1d. api_fast.py
+# loads it with load_state_dict(strict=False), so tortoise would silently ignore keys that are not the generator's
+# and leave missing ones at their random initial values. The only foreign keys a HiFi-GAN decoder checkpoint is
+# known to carry are a speaker encoder's (coqui XTTS's HifiDecoder saves ``speaker_encoder.*`` beside the
+# generator): the registry entry ignores those (``legacy``); any other unknown or missing key is an error here,
+# not random weights.
+HIFIGAN_IGNORED = r"speaker_encoder\."
+_HIFIGAN_CONV_PRE_POST = 7  # conv_pre / conv_post: Conv1d(..., 7, 1, padding=3) in HifiganGenerator.__init__
+_HIFIGAN_DEFAULT_DILATIONS = {"1": [1, 3, 5], "2": [1, 3]}  # api_fast.py's [[1, 3, 5]] * 3; ResBlock2's default
+
+
+def hifigan_hparams(s: Shapes, config: dict) -> dict:
+    ch0, n_in, _ = s("conv_pre.weight", 3)
+    n_up = s.count(r"ups\.(\d+)\.")
+    if n_up == 0:
+        s("ups.0.weight")  # raises
+    up_kernels = [s(f"ups.{i}.weight", 3)[2] for i in range(n_up)]
+    n_res = s.count(r"resblocks\.(\d+)\.")
+    if n_res == 0 or n_res % n_up:
+        raise CheckpointError(f"{s.source}: {n_res} resblocks do not make the same number of ResBlocks per each of "
+                              f"the {n_up} upsamples (missing key resblocks.{n_res}.*?)")
+    n_k = n_res // n_up
+    rtype = "1" if "resblocks.0.convs1.0.weight" in s.shapes else "2"
+    conv = "convs1" if rtype == "1" else "convs"
+    kernels = [s(f"resblocks.{j}.{conv}.0.weight", 3)[2] for j in range(n_k)]
+    dilations = config.get("resblock_dilation_sizes", [_HIFIGAN_DEFAULT_DILATIONS[rtype]] * n_k)
+    if not (isinstance(dilations, (list, tuple)) and all(isinstance(d, (list, tuple)) for d in dilations)
+            and len(dilations) == n_k):
+        raise CheckpointError(f"{s.source}: config.json gives hifigan resblock_dilation_sizes={dilations!r}: "
+                              f"expected one list of dilations per each of the {n_k} ResBlock kernel sizes")
+    per = 3 if rtype == "1" else 2  # what ResBlock1 / ResBlock2 read of each list
+    hp = {
+        # HiFi-GAN's rule, which api_fast.py's [16, 16, 4, 4] / [8, 8, 2, 2] follows: kernel = 2 * factor
+        "upsample_factors": [int(u) for u in config.get("upsample_factors", [k // 2 for k in up_kernels])],
+        "resblock_dilations": [int(x) for d in dilations for x in list(d)[:per]],
+    }
+    return _settle(hp, {
+        "in_channels": n_in,
+        "out_channels": s("conv_post.weight", 3)[0],
+        "resblock_type": rtype,
+        "resblock_kernel_sizes": kernels,
+        "upsample_kernel_sizes": up_kernels,
+        "upsample_initial_channel": ch0,
+        "cond_channels": s("cond_layer.weight", 3)[1] if "cond_layer.weight" in s.shapes else 0,
+        "conv_post_bias": "conv_post.bias" in s.shapes,
+    }, config, s.source, s.component)
+
+
+def hifigan_keys(hp: dict) -> dict[str, Shape]:
+    ch, out = hp["upsample_initial_channel"], {}
+    _conv(out, "conv_pre", hp["in_channels"], ch, _HIFIGAN_CONV_PRE_POST)
+    per = 3 if hp["resblock_type"] == "1" else 2
+    convs = ("convs1", "convs2") if hp["resblock_type"] == "1" else ("convs",)
+    n_k = len(hp["resblock_kernel_sizes"])
+    for i, k_up in enumerate(hp["upsample_kernel_sizes"]):
+        # ConvTranspose1d stores (in, out, kernel)
+        out[f"ups.{i}.weight"] = (ch, ch // 2, k_up)
+        out[f"ups.{i}.bias"] = (ch // 2,)
+        ch //= 2
+        for j, k in enumerate(hp["resblock_kernel_sizes"]):
+            for name in convs:
+                for d in range(per):
+                    _conv(out, f"resblocks.{i * n_k + j}.{name}.{d}", ch, ch, k)
+    out["conv_post.weight"] = (hp["out_channels"], ch, _HIFIGAN_CONV_PRE_POST)
+    if hp["conv_post_bias"]:
+        out["conv_post.bias"] = (hp["out_channels"],)
+    if hp["cond_channels"]:
+        _conv(out, "cond_layer", hp["cond_channels"], hp["upsample_initial_channel"], 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------------------------
 def weight_norm_pairs(keys, source: str) -> dict[str, tuple[str, str]]:

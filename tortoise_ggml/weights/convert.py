@@ -16,6 +16,8 @@ import importlib.util
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,13 +174,32 @@ def _folded_tensor(sd: dict, key: str, pairs: dict):
     return sd[key]
 
 
-def tensor_data(component: Component, sd: dict, plan: TensorPlan, pairs: dict) -> np.ndarray:
-    """The bytes to store for one tensor: folded, laid out for ggml, converted to the planned type."""
+F16_MAX = 65504.0  # the largest finite float16 (also bounds a q8_0 block's scale, amax / 127)
+
+
+def check_finite(arr: np.ndarray, source: str, what: str) -> None:
+    """ConvertError unless every value is finite: a NaN or infinity in a weight would silently spread through every
+    result computed from it."""
+    if not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ConvertError(f"{source}: {what} holds {bad} NaN or infinite value(s) of {arr.size}: refusing to "
+                           "convert a damaged checkpoint")
+
+
+def tensor_data(component: Component, sd: dict, plan: TensorPlan, pairs: dict, source: str = "") -> np.ndarray:
+    """The bytes to store for one tensor: folded, laid out for ggml, converted to the planned type. Refuses
+    (ConvertError) non-finite values, and values the planned type cannot hold."""
     import gguf
     t = _folded_tensor(sd, plan.key, pairs)
     if component.transposed is not None and component.transposed.match(plan.key):
         t = t.t()
     arr = np.ascontiguousarray(t.detach().float().numpy()).reshape(plan.shape)
+    source = source or component.checkpoint
+    check_finite(arr, source, f"key {plan.key!r}")
+    limit = {"f16": F16_MAX, "q8_0": F16_MAX * 127}.get(plan.type)
+    if limit is not None and arr.size and float(np.abs(arr).max()) > limit:
+        raise ConvertError(f"{source}: key {plan.key!r} holds values up to {float(np.abs(arr).max()):.4g}, beyond "
+                           f"what {plan.type} stores (they would become infinite): convert with --type f32")
     if plan.type == "f16":
         return arr.astype(np.float16)
     if plan.type == "q8_0":
@@ -230,40 +251,44 @@ def read_mel_norms(models_dir: str, n_mels: int) -> np.ndarray:
     if not isinstance(obj, torch.Tensor) or obj.numel() != n_mels:
         raise ConvertError(f"{path}: expected a tensor of {n_mels} mel norms, found "
                            f"{tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__}")
-    return obj.detach().float().numpy().reshape(n_mels).copy()
+    norms = obj.detach().float().numpy().reshape(n_mels).copy()
+    check_finite(norms, path, "the mel norms")
+    if (norms == 0).any():
+        raise ConvertError(f"{path}: a mel norm is 0, and the conditioning mels are divided by them")
+    return norms
 
 
-def read_voices(voices_dir: str) -> dict[str, dict[str, np.ndarray]]:
-    """{voice: {'autoregressive': latent, 'diffusion': latent}} from a tortoise voices dir: a sub-dir holding one
-    .pth file (what tortoise/utils/audio.load_voice treats as precomputed conditioning latents). Voices given as
-    audio clips are skipped: their latents need the models (compute them at run time)."""
-    if not os.path.isdir(voices_dir):
-        raise FileNotFoundError(f"{voices_dir}: voices directory not found")
-    torch = _torch()
-    out = {}
-    for voice in sorted(os.listdir(voices_dir)):
-        sub = os.path.join(voices_dir, voice)
-        if not os.path.isdir(sub):
-            continue
-        files = sorted(os.listdir(sub))
-        pths = [f for f in files if f.endswith(".pth")]
-        clips = [f for f in files if f.endswith((".wav", ".mp3"))]
-        if not pths or clips or len(pths) > 1:
-            log.info("voice %s: %s, skipped", voice, "audio clips" if clips else
-                     "several .pth files" if len(pths) > 1 else "no conditioning latents")
-            continue
-        path = os.path.join(sub, pths[0])
-        obj = _load_pth(path)
-        if not (isinstance(obj, (tuple, list)) and len(obj) == 2
-                and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj)):
-            raise ConvertError(f"{path}: expected (autoregressive latent, diffusion latent) tensors, as "
-                               "TextToSpeech.get_conditioning_latents returns")
-        for part in VOICE_PARTS:
-            name = voice_tensor_name(voice, part)
-            if len(name.encode()) > MAX_NAME_BYTES:
-                raise ConvertError(f"{path}: voice name {voice!r} is too long for ggml tensor names ({name!r})")
-        out[voice] = {p: t.detach().float().numpy().copy() for p, t in zip(VOICE_PARTS, obj)}
-    return out
+def read_voices(voices_dir: str, models_dir: str | None = None,
+                work_dir: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{voice: {'autoregressive': latent, 'diffusion': latent}} from a tortoise voices dir (``DIR/NAME/*.wav|mp3|
+    flac`` or ``DIR/NAME/*.pth``; tortoise_ggml.voices). A sub-dir holding one latents file (.pth: tortoise's
+    precomputed conditioning latents, or .npz) gives them as saved. A sub-dir of audio clips gets them computed by
+    tortoise-ggml's own conditioning path from the checkpoints in ``models_dir`` (voices.latents_from_checkpoints:
+    their autoregressive and diffusion components, converted at f32 to a temporary GGUF file in ``work_dir``)."""
+    from ..voices import VoiceError, latents_from_checkpoints, scan_voices_dir
+    try:
+        found = scan_voices_dir(voices_dir)
+        for voice in found:
+            for part in VOICE_PARTS:
+                name = voice_tensor_name(voice, part)
+                if len(name.encode()) > MAX_NAME_BYTES:
+                    raise ConvertError(f"{os.path.join(voices_dir, voice)}: voice name {voice!r} is too long for "
+                                       f"ggml tensor names ({name!r})")
+            if "&" in voice or "," in voice:
+                log.warning("voice %s: '&' and ',' join voice names on the command line: rename it to use it there",
+                            voice)
+        clip_voices = {n: v.clips for n, v in found.items() if v.clips}
+        computed = {}
+        if clip_voices:
+            needed = [REGISTRY[c].checkpoint for c in ("autoregressive", "diffusion")]
+            if models_dir is None or not all(os.path.isfile(os.path.join(models_dir, f)) for f in needed):
+                raise ConvertError(f"voices {', '.join(clip_voices)} are audio clips: computing their latents needs "
+                                   f"{' and '.join(needed)} in the models directory")
+            log.info("computing the latents of %d clip voices", len(clip_voices))
+            computed = latents_from_checkpoints(models_dir, clip_voices, work_dir or models_dir)
+    except VoiceError as e:
+        raise ConvertError(str(e)) from None
+    return {name: dict(zip(VOICE_PARTS, computed[name] if v.clips else v.latents)) for name, v in found.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -293,9 +318,12 @@ def _add_value(writer, key: str, value) -> None:
 _GGUF_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
 
 
-def _resolve_components(components) -> list[str]:
+def _resolve_components(components, models_dir: str | None = None) -> list[str]:
+    """The components to convert, in release order. None: every required component, and each optional one
+    (registry ``optional``, e.g. hifigan) whose checkpoint is in ``models_dir``."""
     if components is None:
-        return list(COMPONENTS)
+        return [c for c in COMPONENTS if not REGISTRY[c].optional or models_dir is None
+                or os.path.isfile(os.path.join(models_dir, REGISTRY[c].checkpoint))]
     if isinstance(components, str):
         components = [c.strip() for c in components.split(",") if c.strip()]
     components = list(dict.fromkeys(components))
@@ -306,12 +334,85 @@ def _resolve_components(components) -> list[str]:
     return [c for c in COMPONENTS if c in components]
 
 
+def _same_path(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_overwriting_inputs(out_path: str, models_dir: str, components, voices_dir) -> None:
+    """ConvertError when the output (or its temporary .part) would replace one of the conversion's inputs, or any
+    checkpoint of the models dir (converted this time or not)."""
+    inputs = [models_dir] + [os.path.join(models_dir, REGISTRY[c].checkpoint) for c in REGISTRY]
+    inputs += [os.path.join(models_dir, name) for name in ("config.json", "tokenizer.json", "mel_norms.pth")]
+    for name in ("tokenizer.json", "mel_norms.pth"):
+        try:
+            inputs.append(_find_asset(models_dir, name))
+        except FileNotFoundError:
+            pass
+    if voices_dir is not None:
+        inputs.append(os.fspath(voices_dir))
+    for out in (out_path, out_path + ".part"):
+        if os.path.isdir(out):
+            raise ConvertError(f"{out}: the output is a directory: name the GGUF file to write")
+        for path in inputs:
+            if _same_path(out, path):
+                raise ConvertError(f"{out}: the output would overwrite the conversion's input {path}: choose another "
+                                   "output file")
+        if voices_dir is not None and os.path.realpath(out).startswith(os.path.realpath(voices_dir) + os.sep):
+            raise ConvertError(f"{out}: the output would be written into the voices directory {voices_dir}")
+
+
+class _Termination:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) while the output is written, so that its .part file is
+    removed as on Ctrl-C; while cleaning up, they (and Ctrl-C) wait until the cleanup is done. Only the main thread
+    can install signal handlers: elsewhere this does nothing."""
+
+    SIGNALS = ("SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.quiet = False
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.quiet or self.pending is not None:
+            self.pending = self.pending or signum
+            return
+        self.pending = signum
+        raise SystemExit(128 + signum)
+
+    def cleaning(self) -> None:
+        self.quiet = True
+        if self.previous and signal.SIGINT not in self.previous:
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        previous, self.previous = self.previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if self.pending is not None:
+            log.warning("conversion stopped by signal %d", self.pending)
+            if self.quiet:
+                raise SystemExit(128 + self.pending)
+
+
 def convert(models_dir, out_path, type: str = "f32", components=None, voices_dir=None) -> str:
     """Convert the checkpoints in ``models_dir`` into the GGUF file ``out_path``; returns ``out_path``.
 
     ``type``: f32, or f16 / q8_0 for the 2-D weight matrices (everything else stays F32). ``components``: a subset
-    (list or comma-separated string) of tortoise_ggml.weights.registry.COMPONENTS; default all, each of whose checkpoint
-    files must exist. ``voices_dir``: a tortoise voices dir whose precomputed latents are stored too.
+    (list or comma-separated string) of tortoise_ggml.weights.registry.COMPONENTS; default all the required ones,
+    each of whose checkpoint files must exist, plus the optional ones (hifigan: hifidecoder.pth) found in
+    ``models_dir``. ``voices_dir``: a tortoise voices dir whose voices are stored too (read_voices: saved
+    latents as they are, clip folders' latents computed from the checkpoints).
     """
     import gguf
     models_dir, out_path = os.fspath(models_dir), os.fspath(out_path)
@@ -322,15 +423,17 @@ def convert(models_dir, out_path, type: str = "f32", components=None, voices_dir
     out_dir = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: output directory not found")
-    components = _resolve_components(components)
+    components = _resolve_components(components, models_dir)
     missing = [REGISTRY[c].checkpoint for c in components
                if not os.path.isfile(os.path.join(models_dir, REGISTRY[c].checkpoint))]
     if missing:
         raise FileNotFoundError(f"{models_dir}: missing checkpoint file(s) {', '.join(missing)} (convert a subset "
                                 f"with --components)")
+    _refuse_overwriting_inputs(out_path, models_dir, components, voices_dir)
     config = read_config(models_dir)
     tokenizer_json = read_tokenizer(models_dir)
-    voices = read_voices(os.fspath(voices_dir)) if voices_dir is not None else {}
+    if voices_dir is not None and not os.path.isdir(voices_dir):
+        raise FileNotFoundError(f"{voices_dir}: voices directory not found")
 
     plans = []
     for c in components:
@@ -340,10 +443,16 @@ def convert(models_dir, out_path, type: str = "f32", components=None, voices_dir
     ar = next((p.hparams for p in plans if p.component == "autoregressive"), {})
     mel_norms = read_mel_norms(models_dir, ar.get("conditioning_spec_dim",
                                                   AutoregressiveConfig.conditioning_spec_dim))
+    # after the checkpoints are validated: clip voices convert and run the conditioning models
+    voices = read_voices(os.fspath(voices_dir), models_dir, out_dir) if voices_dir is not None else {}
+    for voice, parts in voices.items():
+        for part, arr in parts.items():
+            check_finite(np.asarray(arr), os.path.join(os.fspath(voices_dir), voice), f"the {part} latent")
 
     tmp = out_path + ".part"
-    writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
+    term, writer = _Termination(), None
     try:
+        writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
         writer.add_uint32(f"{ARCHITECTURE}.format_version", FORMAT_VERSION)
         writer.add_string(f"{ARCHITECTURE}.type", type)
         writer.add_array(f"{ARCHITECTURE}.components", [p.component for p in plans])
@@ -382,14 +491,21 @@ def convert(models_dir, out_path, type: str = "f32", components=None, voices_dir
             sd = load_state_dict(REGISTRY[p.component], p.path)
             pairs = weight_norm_pairs(sd.keys(), p.path)
             for t in p.tensors:
-                writer.write_tensor_data(tensor_data(REGISTRY[p.component], sd, t, pairs))
+                writer.write_tensor_data(tensor_data(REGISTRY[p.component], sd, t, pairs, p.path))
             del sd
         writer.close()
         os.replace(tmp, out_path)
     except BaseException:
-        writer.close()
+        term.cleaning()   # a second SIGTERM (or Ctrl-C) must not stop the cleanup half way
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:  # the writer may be in any state when interrupted
+            pass
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        term.restore()
     log.info("wrote %s (%.1f MB)", out_path, os.path.getsize(out_path) / 1e6)
     return out_path

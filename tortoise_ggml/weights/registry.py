@@ -44,6 +44,7 @@ class Component:
     flat_convs: bool = False    # f16/q8_0 files store its Conv1d kernels as (out, in*k) matrices
     gathered: re.Pattern = GATHERED
     api_name: str = ""          # its attribute on TextToSpeech, as tortoise names it (default: name)
+    optional: bool = False      # not a tortoise/api.py release file: converted by default only when present
 
     @property
     def attribute(self) -> str:
@@ -160,7 +161,7 @@ REGISTRY: dict[str, Component] = {c.name: c for c in (
     Component("diffusion", "diffusion_decoder.pth", "diff.", configs.DiffusionConfig,
               "diffusion_decoder:DiffusionTts", ck.diffusion_hparams, ck.diffusion_keys, flat_convs=True),
     Component("clvp", "clvp2.pth", "clvp.", configs.ClvpConfig, "clvp:CLVP", ck.clvp_hparams, ck.clvp_keys),
-    Component("cvvp", "cvvp.pth", "cvvp.", configs.CvvpConfig, None, ck.cvvp_hparams, ck.cvvp_keys),
+    Component("cvvp", "cvvp.pth", "cvvp.", configs.CvvpConfig, "cvvp:CVVP", ck.cvvp_hparams, ck.cvvp_keys),
     Component("vocoder", "vocoder.pth", "voc.", configs.VocoderConfig, "vocoder:UnivNetGenerator",
               ck.vocoder_hparams, ck.vocoder_keys, state_dict_in="model_g"),
     Component("rlg_auto", "rlg_auto.pth", "rlg_ar.", configs.RandomLatentConfig,
@@ -168,8 +169,13 @@ REGISTRY: dict[str, Component] = {c.name: c for c in (
     Component("rlg_diffuser", "rlg_diffuser.pth", "rlg_diff.", configs.RandomLatentConfig,
               "random_latent_generator:RandomLatentConverter", ck.rlg_hparams, ck.rlg_keys,
               api_name="rlg_diffusion"),
+    # tortoise/api_fast.py's decoder (AR latents -> 24 kHz audio), released separately: optional
+    Component("hifigan", "hifidecoder.pth", "hifi.", configs.HifiganConfig, "hifigan_decoder:HifiganGenerator",
+              ck.hifigan_hparams, ck.hifigan_keys, legacy=re.compile(ck.HIFIGAN_IGNORED), api_name="hifi_decoder",
+              optional=True),
 )}
 COMPONENTS = tuple(REGISTRY)
+REQUIRED_COMPONENTS = tuple(c for c in COMPONENTS if not REGISTRY[c].optional)
 
 
 class UnknownComponent(KeyError):
@@ -184,4 +190,5 @@ def component(name: str) -> Component:
         raise UnknownComponent(f"unknown component {name!r}: expected one of {', '.join(COMPONENTS)}") from None
 
 
-__all__ = ["Component", "REGISTRY", "COMPONENTS", "GATHERED", "Q8_0_BLOCK", "component", "UnknownComponent"]
+__all__ = ["Component", "REGISTRY", "COMPONENTS", "REQUIRED_COMPONENTS", "GATHERED", "Q8_0_BLOCK", "component",
+           "UnknownComponent"]
