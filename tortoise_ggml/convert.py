@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", required=True, help="GGUF file to write")
     ap.add_argument("--type", default="f32", choices=TYPES, help="storage type of the weight matrices")
     ap.add_argument("--components", default=None,
-                    help=f"comma-separated subset of: {','.join(COMPONENTS)} (default: all)")
+                    help=f"comma-separated subset of: {','.join(COMPONENTS)} (default: every required component, "
+                         "and the optional ones whose checkpoint is in MODELS_DIR)")
     ap.add_argument("--voices", default=None,
                     help="tortoise voices dir (DIR/NAME/*.wav|mp3|flac clips, or DIR/NAME/*.pth latents): store "
                     "each voice's conditioning latents (computed from the clips with the checkpoints)")
