@@ -10,11 +10,13 @@ import os
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
+
 from .context import Context
-from .errors import BackendUnavailable, GGMLError
+from .errors import BackendUnavailable, ClosedError, GGMLError, InputError, OutOfMemory
 from .graph import Graph
 from .raw import HAS_CUDA, ffi, lib, string
-from .tensor import Tensor
+from .tensor import Tensor, _owner
 
 
 def _default_threads() -> int:
@@ -84,12 +86,20 @@ class BufferType:
 
 
 class Buffer:
-    """Backend memory holding the tensors of one context (weights, KV caches, inputs)."""
+    """Backend memory holding the tensors of one context (weights, KV caches, inputs).
+
+    Keep it referenced as long as its tensors are used: freeing it (``free()``, or dropping the last reference)
+    detaches them, and any later read, write or compute that needs them raises ClosedError."""
 
     def __init__(self, ptr, backend: "Backend", ctx: Context | None):
         self.ptr = ptr
         self.backend = backend
         self.ctx = ctx  # the tensors described there live in this buffer: keep both alive together
+
+    def _live(self):
+        if self.ptr == ffi.NULL:
+            raise ClosedError("this Buffer was freed")
+        return self.ptr
 
     @property
     def size(self) -> int:
@@ -97,40 +107,133 @@ class Buffer:
 
     @property
     def name(self) -> str:
-        return string(lib.ggml_backend_buffer_name(self.ptr))
+        return string(lib.ggml_backend_buffer_name(self._live()))
 
     @property
     def is_host(self) -> bool:
-        return bool(lib.ggml_backend_buffer_is_host(self.ptr))
+        return bool(lib.ggml_backend_buffer_is_host(self._live()))
 
     def clear(self, value: int = 0) -> None:
-        lib.ggml_backend_buffer_clear(self.ptr, value)
+        lib.ggml_backend_buffer_clear(self._live(), int(value) & 0xFF)
 
     def set_usage_weights(self) -> None:
         """Tell the scheduler-aware backends this buffer holds weights (lets CUDA keep it on the device)."""
-        lib.ggml_backend_buffer_set_usage(self.ptr, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        lib.ggml_backend_buffer_set_usage(self._live(), lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
 
-    def free(self) -> None:
-        if getattr(self, "ptr", ffi.NULL) != ffi.NULL:
-            lib.ggml_backend_buffer_free(self.ptr)
-            self.ptr = ffi.NULL
+    def free(self, reason: str | None = None) -> None:
+        """Free the memory; the context's tensors that lived in it are detached (ClosedError on use, naming
+        ``reason``)."""
+        ptr = getattr(self, "ptr", ffi.NULL)
+        if ptr == ffi.NULL:
+            return
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None and ctx._open:
+            p = lib.ggml_get_first_tensor(ctx.ptr)
+            while p != ffi.NULL:
+                if p.buffer == ptr:
+                    p.data = ffi.NULL
+                    p.buffer = ffi.NULL
+                p = lib.ggml_get_next_tensor(ctx.ptr, p)
+            ctx._released = reason or "their backend buffer was freed"
+        lib.ggml_backend_buffer_free(ptr)
+        self.ptr = ffi.NULL
 
     def __del__(self):
-        self.free()
+        try:
+            self.free("their backend buffer was freed when the Buffer object was dropped (keep the Buffer that "
+                      "Backend.alloc_tensors returns referenced while its tensors are used)")
+        except Exception:  # interpreter shutdown
+            pass
 
 
-def _forget_compute_memory(graph: Graph) -> None:
+def _ctx_bytes(ctx: Context) -> int:
+    total, p = 0, lib.ggml_get_first_tensor(ctx.ptr)
+    while p != ffi.NULL:
+        total += lib.ggml_nbytes(p)
+        p = lib.ggml_get_next_tensor(ctx.ptr, p)
+    return total
+
+
+def _forget_compute_memory(graph: Graph | None, ctx: Context | None = None, g=None) -> None:
     """Detach what a graph allocator placed: every node (results and views alike: a view of a persistent tensor is
     simply re-initialised from its source) and the input leafs. Their old buffer may be freed already, so it is
-    never looked at."""
+    never looked at; neither is a tensor of a context closed since. Takes the Graph, or its context and graph
+    pointer (the Graph object may be gone while its context, and so its tensors, live on)."""
+    if graph is not None:
+        ctx, g = graph.ctx, graph._ptr
+    if ctx is None or not ctx._open:
+        return
+    nodes = [lib.ggml_graph_node(g, i) for i in range(lib.ggml_graph_n_nodes(g))]
+    keys = {int(ffi.cast("uintptr_t", p)) for p in nodes}
     input_flag = lib.GGML_TENSOR_FLAG_INPUT
-    for t in graph.nodes():
-        t.ptr.data = ffi.NULL
-        t.ptr.buffer = ffi.NULL
-    for t in graph.leafs():
-        if t.ptr.flags & input_flag:
-            t.ptr.data = ffi.NULL
-            t.ptr.buffer = ffi.NULL
+    for p in nodes:
+        p.data = ffi.NULL
+        p.buffer = ffi.NULL
+    for p in nodes:
+        for s in p.src:
+            if s != ffi.NULL and int(ffi.cast("uintptr_t", s)) not in keys and _owner(s, ctx)._open \
+                    and s.flags & input_flag:
+                s.data = ffi.NULL
+                s.buffer = ffi.NULL
+
+
+class _GraphInputs:
+    """What Backend.compute checks of a graph's inputs on every call, found once per graph: the input leafs it
+    must be given (all but those read for their shape alone), and the input ids that index tables."""
+
+    # (op, source index) pairs whose source ggml reads for its shape only, never its data
+    SHAPE_ONLY = {(lib.GGML_OP_IM2COL, 0)}
+
+    def __init__(self, graph: Graph):
+        g = graph._ptr
+        nodes = [lib.ggml_graph_node(g, i) for i in range(lib.ggml_graph_n_nodes(g))]
+        node_keys = {_key(p) for p in nodes}
+        input_flag = lib.GGML_TENSOR_FLAG_INPUT
+        self.required: dict[int, object] = {}    # key -> tensor pointer (for messages)
+        self.optional: set[int] = set()          # inputs read for their shape only
+        read, shape_only = set(), set()
+        for p in nodes:
+            for i, s in enumerate(p.src):
+                if s == ffi.NULL or _key(s) in node_keys:
+                    continue
+                k = _key(s)
+                if (p.op, i) in self.SHAPE_ONLY:
+                    shape_only.add(k)
+                else:
+                    read.add(k)
+                    if s.flags & input_flag:
+                        self.required[k] = s
+                if (p.op, i) in self.SHAPE_ONLY and s.flags & input_flag:
+                    self.optional.add(k)
+        self.optional -= set(self.required)
+        self.shape_only = shape_only - read      # leafs whose data is never read: they need no memory
+        # ids given as inputs: (input key, number of rows they index, op name)
+        self.ids: list[tuple[int, int, str]] = []
+        for p in nodes:
+            if p.op == lib.GGML_OP_GET_ROWS:
+                ids, rows, name = p.src[1], int(p.src[0].ne[1]), "get_rows"
+            elif p.op == lib.GGML_OP_SET_ROWS:
+                ids, rows, name = p.src[1], int(p.ne[1]), "set_rows"
+            else:
+                continue
+            base = _input_base(ids, input_flag)
+            if base is not None:
+                self.ids.append((_key(base), rows, name))
+
+
+def _key(p) -> int:
+    return int(ffi.cast("uintptr_t", p))
+
+
+def _input_base(p, input_flag):
+    """The input tensor ``p`` is, or views whole (reshape/view of all its elements); None otherwise."""
+    n = lib.ggml_nelements(p)
+    while p.op in (lib.GGML_OP_VIEW, lib.GGML_OP_RESHAPE, lib.GGML_OP_PERMUTE, lib.GGML_OP_TRANSPOSE) \
+            and p.view_src != ffi.NULL:
+        p = p.view_src
+    if p.op == lib.GGML_OP_NONE and p.flags & input_flag and lib.ggml_nelements(p) == n and p.view_src == ffi.NULL:
+        return p
+    return None
 
 
 class GraphAllocator:
@@ -138,28 +241,49 @@ class GraphAllocator:
 
     def __init__(self, backend: "Backend"):
         self.backend = backend
-        self.ptr = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(backend.ptr))
+        self.ptr = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(backend._live()))
         self._last = None
+        self._placed = None   # (weakref to the context, graph pointer) of the graph whose tensors hold our memory
         if self.ptr == ffi.NULL:
-            raise MemoryError("ggml_gallocr_new failed")
+            raise OutOfMemory("ggml_gallocr_new failed")
+
+    def _live(self):
+        if self.ptr == ffi.NULL:
+            raise ClosedError("this GraphAllocator was freed (its Backend closed?)")
+        return self.ptr
 
     def alloc(self, graph: Graph) -> None:
         # ggml_gallocr_alloc_graph reuses the previous plan whenever the tensor sizes still fit, without comparing
         # the graphs' structure: a plan made for another graph (its in-place reuse of an input, say) can then
         # overlap live tensors. Plan afresh for every new graph; recomputing the same graph keeps its plan.
+        self._live()
+        self.backend._live()
         last = self._last() if self._last is not None else None
         if last is not graph:
+            self._forget_placed(graph)
             if getattr(graph, "_placed", False):
                 # ggml-alloc skips tensors that already have data: a graph computed before (under another plan or
                 # allocator, perhaps in a buffer since freed) would keep stale addresses. Forget them first.
                 _forget_compute_memory(graph)
             if not lib.ggml_gallocr_reserve(self.ptr, graph.ptr):
-                raise MemoryError(f"{self.backend.name}: could not reserve memory for a graph of "
+                raise OutOfMemory(f"{self.backend.name}: could not reserve memory for a graph of "
                                   f"{graph.n_nodes} nodes")
             self._last = weakref.ref(graph)
         if not lib.ggml_gallocr_alloc_graph(self.ptr, graph.ptr):
-            raise MemoryError(f"{self.backend.name}: could not allocate memory for a graph of {graph.n_nodes} nodes")
+            raise OutOfMemory(f"{self.backend.name}: could not allocate memory for a graph of {graph.n_nodes} nodes")
         graph._placed = True
+        self._placed = (weakref.ref(graph.ctx), graph._ptr)
+
+    def _forget_placed(self, keep: Graph | None = None) -> None:
+        """The tensors of the graph placed last (by this allocator) lose their memory to the next one: detach them,
+        so that reading such a stale result raises instead of returning the next graph's data."""
+        if self._placed is None:
+            return
+        ref, g = self._placed
+        self._placed = None
+        ctx = ref()
+        if ctx is not None and not (keep is not None and keep.ctx is ctx and keep._ptr == g):
+            _forget_compute_memory(None, ctx, g)
 
     @property
     def size(self) -> int:
@@ -167,11 +291,16 @@ class GraphAllocator:
 
     def free(self) -> None:
         if getattr(self, "ptr", ffi.NULL) != ffi.NULL:
+            self._forget_placed()   # its results lived in the memory freed now
+            self._last = None
             lib.ggml_gallocr_free(self.ptr)
             self.ptr = ffi.NULL
 
     def __del__(self):
-        self.free()
+        try:
+            self.free()
+        except Exception:  # interpreter shutdown
+            pass
 
 
 class Backend:
@@ -205,17 +334,28 @@ class Backend:
         self.device = device
         self._allocator: GraphAllocator | None = None
 
+    def _live(self):
+        if self.ptr == ffi.NULL:
+            raise ClosedError(f"this {self.kind} Backend was closed")
+        return self.ptr
+
+    @property
+    def closed(self) -> bool:
+        return self.ptr == ffi.NULL
+
     @property
     def name(self) -> str:
-        return string(lib.ggml_backend_name(self.ptr))
+        return string(lib.ggml_backend_name(self._live()))
 
     def set_threads(self, threads: int) -> None:
         if self.kind != "cpu":
             raise ValueError("only the CPU backend takes a thread count")
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+            raise TypeError(f"threads must be an integer, got {threads!r}")
         threads = int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        lib.ggml_backend_cpu_set_n_threads(self.ptr, threads)
+        if not 1 <= threads <= 4096:
+            raise ValueError(f"threads must be >= 1 (and at most 4096), got {threads}")
+        lib.ggml_backend_cpu_set_n_threads(self._live(), threads)
         self.threads = threads
 
     def __repr__(self) -> str:
@@ -227,8 +367,15 @@ class Backend:
         """Allocate every tensor of a ``no_alloc`` context in one buffer of this backend (of ``buffer_type``, one
         of ``extra_buffer_types()``, when given). Write an extra type's tensors whole, with ``Tensor.set`` or
         ggml_backend_tensor_set: that is where they are converted to the kernel's layout."""
+        if not isinstance(ctx, Context):
+            raise TypeError(f"alloc_tensors takes a pyggml Context, not {type(ctx).__name__}")
         if not ctx.no_alloc:
             raise ValueError("alloc_tensors needs a Context created with no_alloc=True")
+        self._live()
+        tensors = ctx.tensors()
+        if tensors and all(t.ptr.data != ffi.NULL or t.ptr.view_src != ffi.NULL or t.nelements == 0
+                           for t in tensors):
+            raise GGMLError("alloc_tensors: the context's tensors have memory already")
         if buffer_type is None:
             ptr = lib.ggml_backend_alloc_ctx_tensors(ctx._live(), self.ptr)
         else:
@@ -238,12 +385,13 @@ class Backend:
         if ptr == ffi.NULL:
             if not ctx.tensors():
                 raise ValueError("alloc_tensors: the context has no tensors")
-            raise MemoryError(f"{self.name}: could not allocate the context's tensors")
+            raise OutOfMemory(f"{self.name}: could not allocate the context's tensors ({_ctx_bytes(ctx)} bytes)")
+        ctx._released = None
         return Buffer(ptr, self, ctx)
 
     def extra_buffer_types(self) -> list[BufferType]:
         """The device's extra buffer types (CPU: AMX, CPU_REPACK when this CPU and build have them)."""
-        dev = lib.ggml_backend_get_device(self.ptr)
+        dev = lib.ggml_backend_get_device(self._live())
         reg = lib.ggml_backend_dev_backend_reg(dev)
         fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
         if fn == ffi.NULL:
@@ -256,18 +404,19 @@ class Backend:
 
     @property
     def allocator(self) -> GraphAllocator:
+        self._live()
         if self._allocator is None:
             self._allocator = GraphAllocator(self)
         return self._allocator
 
     # -- compute -----------------------------------------------------------------------------------------------
     def supports(self, t: Tensor) -> bool:
-        return bool(lib.ggml_backend_supports_op(self.ptr, t.ptr))
+        return bool(lib.ggml_backend_supports_op(self._live(), t.ptr))
 
-    def _check_leafs(self, graph: Graph) -> None:
+    def _check_leafs(self, graph: Graph, shape_only=frozenset()) -> None:
         for leaf in graph.leafs():
             p = leaf.ptr
-            if p.flags & lib.GGML_TENSOR_FLAG_INPUT:
+            if p.flags & lib.GGML_TENSOR_FLAG_INPUT or _key(p) in shape_only:
                 continue  # the graph allocator places inputs (an input's old buffer may be freed: do not look)
             if p.data == ffi.NULL and p.view_src == ffi.NULL:
                 # the graph allocator would give it scratch memory: a forgotten weight would read garbage
@@ -288,13 +437,46 @@ class Backend:
         """
         if not isinstance(graph, Graph):
             raise TypeError(f"compute takes a pyggml Graph, not {type(graph).__name__}")
+        self._live()
+        graph._check_contexts()      # ClosedError for a graph over freed tensors (a closed model file, say)
         inputs = inputs or {}
+        info = graph.__dict__.get("_inputs_info")
+        if info is None:
+            info = graph._inputs_info = _GraphInputs(graph)
+        given = {}
         for t in inputs:
-            if not t.ptr.flags & lib.GGML_TENSOR_FLAG_INPUT:
+            if not isinstance(t, Tensor):
+                raise TypeError(f"compute: inputs are {{Tensor: array}}, got a key of type {type(t).__name__}")
+            p = t.ptr
+            if not p.flags & lib.GGML_TENSOR_FLAG_INPUT:
                 raise GGMLError(f"{t!r} is not marked as a graph input (call .set_input() when creating it), so "
                                 "the allocator may have reused its memory")
+            k = _key(p)
+            if k not in info.required and k not in info.optional:
+                raise InputError(f"{t!r} is given as an input but the graph does not read it")
+            given[k] = inputs[t]
+        missing = [p for k, p in info.required.items() if k not in given]
+        if missing:
+            names = ", ".join(repr(Tensor(p, graph.ctx)) for p in missing[:3])
+            raise InputError(f"the graph's input(s) {names}{' ...' if len(missing) > 3 else ''} were not given: "
+                             "their memory would be read uninitialised")
+        for k, rows, op in info.ids:
+            arr = given.get(k)
+            if arr is None:
+                continue
+            a = np.asarray(arr)
+            if a.dtype.kind == "f":
+                if not np.isfinite(a).all():
+                    raise InputError(f"{op}: ids must be integers in [0, {rows}), got NaN or infinite values")
+                a = np.trunc(a)      # what writing them into the I32 input does
+            elif a.dtype.kind not in "biu":
+                continue             # Tensor.set refuses it
+            if a.size and (a.min() < 0 or a.max() >= rows):
+                bad = a[(a < 0) | (a >= rows)]
+                raise InputError(f"{op}: ids must lie in [0, {rows}) (the rows of the table they index), got "
+                                 f"{bad.ravel()[:5].tolist()}")
         if check:
-            self._check_leafs(graph)
+            self._check_leafs(graph, info.shape_only)
         (allocator or self.allocator).alloc(graph)
         for t, arr in inputs.items():
             t.set(arr)

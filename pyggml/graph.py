@@ -6,9 +6,9 @@ import tempfile
 
 from . import log
 from .context import Context
-from .errors import OutOfContextMemory
+from .errors import ClosedError, OutOfContextMemory
 from .raw import ffi, lib
-from .tensor import Tensor
+from .tensor import Tensor, _owner
 
 
 def _reachable(outputs: list[Tensor]) -> int:
@@ -35,7 +35,12 @@ class Graph:
         for o in outputs:
             if not isinstance(o, Tensor):
                 raise TypeError(f"graph outputs must be Tensors, not {type(o).__name__}")
+        ctx._live()
+        self._contexts = {ctx} | {o.owner for o in outputs}
+        self._check_contexts()   # before following a source pointer into freed memory
         need = _reachable(list(outputs))
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 40):
+            raise ValueError(f"graph size must be a non-negative integer below 2**40, got {size!r}")
         size = max(size or 0, need, lib.GGML_DEFAULT_GRAPH_SIZE)
         overhead = lib.ggml_graph_overhead_custom(size, False)
         free = ctx.mem_size - ctx.used_mem
@@ -49,27 +54,58 @@ class Graph:
         for o in outputs:
             lib.ggml_build_forward_expand(self.ptr, o.ptr)
 
+    # -- lifetime ----------------------------------------------------------------------------------------------
+    def dependencies(self) -> set:
+        """Every Context the graph's tensors live in (its own, and those of the weights and caches it reads)."""
+        out = set()
+        for c in self._contexts:
+            out |= c.dependencies()
+        return out
+
+    def _check_contexts(self) -> None:
+        """ClosedError when the graph's context, or one whose tensors it reads, was closed or lost its memory."""
+        for c in self.dependencies():
+            if not c._open:
+                raise ClosedError(f"the graph reads tensors of a closed context: {c._closed_message()}")
+            if c._released is not None:
+                raise ClosedError(f"the graph reads tensors whose memory is gone: {c._released}")
+
+    @property
+    def ptr(self):
+        if not self.ctx._open:
+            raise ClosedError(f"graph used after close: {self.ctx._closed_message()}")
+        return self._ptr
+
+    @ptr.setter
+    def ptr(self, value) -> None:
+        self._ptr = value
+
+    # -- structure -----------------------------------------------------------------------------------------------
     @property
     def n_nodes(self) -> int:
         return lib.ggml_graph_n_nodes(self.ptr)
 
     def nodes(self) -> list[Tensor]:
-        return [Tensor(lib.ggml_graph_node(self.ptr, i), self.ctx) for i in range(self.n_nodes)]
+        self._check_contexts()
+        g = self.ptr
+        return [Tensor(lib.ggml_graph_node(g, i), self.ctx) for i in range(lib.ggml_graph_n_nodes(g))]
 
     def leafs(self) -> list[Tensor]:
         """Tensors the graph reads but does not compute (weights, inputs)."""
-        nodes = {int(ffi.cast("uintptr_t", n.ptr)) for n in self.nodes()}
+        nodes = self.nodes()
+        keys = {int(ffi.cast("uintptr_t", n._ptr)) for n in nodes}
         seen, out = set(), []
-        for n in self.nodes():
-            for s in n.ptr.src:
+        for n in nodes:
+            for s in n._ptr.src:
                 key = int(ffi.cast("uintptr_t", s)) if s != ffi.NULL else 0
-                if key and key not in nodes and key not in seen:
+                if key and key not in keys and key not in seen:
                     seen.add(key)
-                    out.append(Tensor(s, self.ctx))
+                    out.append(Tensor(s, _owner(s, self.ctx)))
         return out
 
     def print(self, file=None) -> str:
         """ggml_graph_print's report: printed (to ``file``, default stdout) and returned."""
+        self._check_contexts()
         with log.capture() as buf:
             lib.ggml_graph_print(self.ptr)
         text = "".join(buf)
@@ -77,12 +113,14 @@ class Graph:
         return text
 
     def __str__(self) -> str:
+        self._check_contexts()
         with log.capture() as buf:
             lib.ggml_graph_print(self.ptr)
         return "".join(buf)
 
     def to_dot(self, path: str | os.PathLike | None = None) -> str:
         """Graphviz DOT source of the graph (ggml_graph_dump_dot); also written to ``path`` when given."""
+        self._check_contexts()
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "graph.dot")
             lib.ggml_graph_dump_dot(self.ptr, ffi.NULL, out.encode())
@@ -107,6 +145,8 @@ class Inputs:
         """A graph input holding ``array`` (numpy order); ``type`` defaults to the array's (f32 / i32)."""
         import numpy as np
         array = np.asarray(array)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"a graph input holds numbers, got an array of dtype {array.dtype}")
         if type is None:
             type = "i32" if array.dtype.kind in "iu" else "f16" if array.dtype == np.float16 else "f32"
         t = self.ctx.new_tensor(type, tuple(reversed(array.shape)) or (1,), name).set_input()
@@ -151,8 +191,14 @@ class CachedGraph:
             self._entry = self._key = None  # free the old graph before building the next
             ctx = Context(**self._sizes)
             inputs = Inputs(ctx)
-            named, outputs, *first = build(ctx, inputs)
+            built = build(ctx, inputs)
+            if not isinstance(built, tuple) or len(built) not in (2, 3) or not isinstance(built[0], dict):
+                raise TypeError("a CachedGraph build returns ({name: input tensor}, outputs[, first]), got "
+                                f"{type(built).__name__}")
+            named, outputs, *first = built
             outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            if not all(isinstance(o, Tensor) for o in outputs):
+                raise TypeError("a CachedGraph build's outputs must be pyggml Tensors")
             for out in outputs:
                 out.set_output()  # else the allocator may reuse an output's memory for a later node
             # ``first``: tensors to schedule before the outputs (their memory stays reusable)

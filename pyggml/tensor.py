@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import lifetime
 from .dtypes import NUMPY_DTYPES, Type, bf16_bits_to_float32, float32_to_bf16_bits, type_name
-from .errors import GGMLError, ShapeError
+from .errors import ClosedError, GGMLError, ShapeError
 from .raw import ffi, lib, string
 
 
 class Tensor:
-    __slots__ = ("ptr", "owner", "__weakref__")
+    __slots__ = ("_ptr", "owner", "__weakref__")
 
     def __init__(self, ptr, owner):
         if ptr == ffi.NULL:
             raise GGMLError("ggml returned a NULL tensor")
-        self.ptr = ptr
+        self._ptr = ptr
         self.owner = owner  # keeps the Context (and so the tensor's memory) alive
+
+    @property
+    def ptr(self):
+        """The ``struct ggml_tensor *``; ClosedError once the tensor's Context is closed (its memory is freed)."""
+        if not self.owner._open:
+            raise ClosedError(f"tensor used after close: {self.owner._closed_message()}")
+        return self._ptr
 
     # -- description -------------------------------------------------------------------------------------------
     @property
@@ -60,6 +68,10 @@ class Tensor:
 
     @name.setter
     def name(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a tensor name is a str, not {type(value).__name__}")
+        if "\0" in value:
+            raise ValueError(f"tensor name {value!r} contains a NUL character")
         raw = value.encode()
         if len(raw) >= lib.GGML_MAX_NAME:
             raise ValueError(f"tensor name {value!r} is longer than {lib.GGML_MAX_NAME - 1} bytes")
@@ -79,9 +91,11 @@ class Tensor:
 
     @property
     def src(self) -> list["Tensor"]:
-        return [Tensor(s, self.owner) for s in self.ptr.src if s != ffi.NULL]
+        return [Tensor(s, _owner(s, self.owner)) for s in self.ptr.src if s != ffi.NULL]
 
     def set_input(self) -> "Tensor":
+        if self.nelements == 0:
+            raise ShapeError(f"{self!r} is empty: ggml's graph allocator cannot place an empty input")
         lib.ggml_set_input(self.ptr)
         return self
 
@@ -90,17 +104,22 @@ class Tensor:
         return self
 
     def __repr__(self) -> str:
+        if not self.owner._open:
+            return "<Tensor (closed)>"
         name = f" {self.name!r}" if self.name else ""
         return f"<Tensor{name} {type_name(self.type)} ne={self.ne} op={self.op}>"
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Tensor) and self.ptr == other.ptr
+        return isinstance(other, Tensor) and self._ptr == other._ptr
 
-    def __hash__(self) -> int:
-        return hash(int(ffi.cast("uintptr_t", self.ptr)))
+    def __hash__(self) -> int:   # stays valid after close (a closed tensor may still be a dict key)
+        return hash(int(ffi.cast("uintptr_t", self._ptr)))
 
     # -- data --------------------------------------------------------------------------------------------------
     def _check_data_access(self, verb: str) -> None:
+        released = self.owner._released
+        if released is not None:
+            raise ClosedError(f"cannot {verb} {self!r}: {released}")
         if not self.is_allocated:
             raise GGMLError(f"cannot {verb} {self!r}: it has no memory yet (allocate its context in a backend, "
                             "or compute the graph that allocates it)")
@@ -125,6 +144,8 @@ class Tensor:
         arr = np.asarray(array)
         want = tuple(reversed(self.ne))
         got = (1,) * (4 - arr.ndim) + arr.shape if arr.ndim <= 4 else arr.shape
+        if arr.dtype.kind not in "biuf":
+            raise ShapeError(f"cannot write an array of dtype {arr.dtype} into {self!r}: numbers only")
         if t in NUMPY_DTYPES:
             if got != want:
                 raise ShapeError(f"array of shape {arr.shape} does not fit {self!r} (numpy shape {self.shape})")
@@ -132,7 +153,7 @@ class Tensor:
         if t == Type.BF16:
             if got != want:
                 raise ShapeError(f"array of shape {arr.shape} does not fit {self!r} (numpy shape {self.shape})")
-            return arr if arr.dtype == np.uint16 else float32_to_bf16_bits(arr)
+            return np.ascontiguousarray(arr) if arr.dtype == np.uint16 else float32_to_bf16_bits(arr)
         # quantized and other block types travel as raw bytes
         raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
         if raw.size != self.nbytes:
@@ -142,6 +163,9 @@ class Tensor:
     def set(self, array, offset: int = 0) -> "Tensor":
         """Copy a numpy array (or raw bytes, for quantized types) into the tensor."""
         self._check_data_access("write")
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+            raise ShapeError(f"set: offset must be a non-negative integer, got {offset!r}")
+        offset = int(offset)
         data = self._coerce(array)
         if data.nbytes + offset > self.nbytes:
             raise ShapeError(f"{data.nbytes} bytes at offset {offset} overflow {self!r} ({self.nbytes} bytes)")
@@ -179,3 +203,14 @@ class Tensor:
 
     def numpy(self) -> np.ndarray:
         return self.get()
+
+
+def _owner(ptr, default):
+    """The Context holding the tensor at ``ptr`` (a source of a node may live in another context than the node)."""
+    if default._open:
+        mem = lib.ggml_get_mem_buffer(default.ptr)
+        start = int(ffi.cast("uintptr_t", mem))
+        if start <= int(ffi.cast("uintptr_t", ptr)) < start + lib.ggml_get_mem_size(default.ptr):
+            return default
+    found = lifetime.owner_of(int(ffi.cast("uintptr_t", ptr)))
+    return found if found is not None else lifetime.DEAD

@@ -147,6 +147,10 @@ class AutoregressiveConfig(Config):
             if getattr(self, name) >= self.number_mel_codes:
                 self._fail(component, name, f"({getattr(self, name)}) is not a code below number_mel_codes "
                                             f"({self.number_mel_codes})")
+        for name in ("start_text_token", "stop_text_token"):
+            if not 0 <= getattr(self, name) < self.text_vocab:
+                self._fail(component, name, f"({getattr(self, name)}) is not a token of the text vocabulary "
+                                            f"(0..{self.text_vocab - 1})")
 
     @property
     def text_vocab(self) -> int:
