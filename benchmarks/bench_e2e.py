@@ -167,7 +167,7 @@ def main():
     print(f"\nEnd to end, full-size random weights, {a.samples} samples x {a.codes} codes "
           f"({rows[0][2]['audio_s']:.2f} s of audio), {a.threads} threads\n")
     stages = ["autoregressive", "clvp", "latents", "diffusion", "vocoder"]
-    print("| side | diffusion | " + " | ".join(stages) + " | total (s) | vs tortoise-tts | peak RSS (MB) |")
+    print("| side | sampler | " + " | ".join(stages) + " | total (s) | vs tortoise-tts | peak RSS (MB) |")
     print("|---|---|" + "---|" * len(stages) + "---|---|---|")
     for name, what, r in rows:
         ratio = f"{r['total_s'] / ref:.2f}x" if ref else ""

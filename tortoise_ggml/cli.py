@@ -51,6 +51,17 @@ def check_output(path: str, allow_stdout: bool = False) -> str:
     return path
 
 
+def add_generation_options(ap) -> None:
+    """The sampling overrides generate and read share (None: the preset's value; 0 is a value, and an error)."""
+    ap.add_argument("--num-autoregressive-samples", type=int, default=None, help="override the preset")
+    ap.add_argument("--diffusion-iterations", "--steps", type=int, default=None, dest="diffusion_iterations",
+                    help="diffusion steps (override the preset)")
+    ap.add_argument("--max-mel-tokens", type=int, default=None, help="longest code sequence (default 500)")
+    ap.add_argument("--mel-positions", default="fixed", choices=["fixed", "original"],
+                    help="AR mel position scheme (original reproduces tortoise's KV-cache offset)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -65,4 +76,4 @@ def describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-__all__ = ["UsageError", "user_errors", "audio_formats", "check_output", "fail", "describe"]
+__all__ = ["UsageError", "user_errors", "add_generation_options", "audio_formats", "check_output", "fail", "describe"]

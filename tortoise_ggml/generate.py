@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .cli import UsageError, check_output, describe, fail, user_errors
+from .cli import UsageError, add_generation_options, check_output, describe, fail, user_errors
 
 DEFAULT_TEXT = "Tortoise is a text to speech program built with priorities on multi-voice capabilities and realism."
 AUDIO_EXTS = (".wav", ".mp3", ".flac", ".ogg")
@@ -66,12 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default=None, choices=SAMPLERS,
                     help="diffusion sampler, as tortoise-tts-fast's --sampler (default: the preset's, else p)")
     ap.add_argument("--candidates", type=int, default=1, help="clips to write (best by CLVP)")
-    ap.add_argument("--num-autoregressive-samples", type=int, default=None, help="override the preset")
-    ap.add_argument("--diffusion-iterations", "--steps", type=int, default=None, dest="diffusion_iterations",
-                    help="diffusion steps (override the preset)")
-    ap.add_argument("--max-mel-tokens", type=int, default=None, help="longest code sequence (default 500)")
-    ap.add_argument("--mel-positions", default="fixed", choices=["fixed", "original"],
-                    help="AR mel position scheme (original reproduces tortoise's KV-cache offset)")
+    add_generation_options(ap)
     from .api import DECODERS
     ap.add_argument("--decoder", default=None, choices=DECODERS,
                     help="univnet: tortoise's CLVP-ranked samples, diffusion and UnivNet (default); hifigan: "
@@ -83,7 +78,6 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap-wav-len", type=int, default=1024,
                     help="--stream: samples crossfaded between chunks (default 1024)")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     ap.add_argument("-o", "--output", default="tortoise.wav",
                     help="output wav (k > 1: NAME_0.wav, NAME_1.wav, ...); '-': raw 16-bit PCM (24 kHz mono, "

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cli import add_generation_options, describe, fail, user_errors
+
 log = logging.getLogger(__name__)
 
 DESIRED_LENGTH, MAX_LENGTH = 200, 300      # tortoise's split_and_recombine_text defaults
@@ -624,13 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random seed (default: the one a resumed folder used, else the time)")
     ap.add_argument("--cvvp-amount", "--cvvp_amount", type=float, default=0.0, dest="cvvp_amount",
                     help="weight of CVVP against CLVP when picking candidates, 0..1 (needs clip voices)")
-    ap.add_argument("--num-autoregressive-samples", type=int, default=None, help="override the preset")
-    ap.add_argument("--diffusion-iterations", "--steps", type=int, default=None, dest="diffusion_iterations",
-                    help="diffusion steps (override the preset)")
-    ap.add_argument("--max-mel-tokens", type=int, default=None, help="longest code sequence (default 500)")
-    ap.add_argument("--mel-positions", default="fixed", choices=["fixed", "original"],
-                    help="AR mel position scheme (original reproduces tortoise's KV-cache offset)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_generation_options(ap)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per model (default: all; with --ray, per worker: 4)")
     ap.add_argument("--ray", default=None, metavar="ADDRESS",
@@ -648,14 +644,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    from .api import MissingComponent
     try:
         return read(args, say)
-    except (ValueError, OSError, KeyError, TypeError, MissingComponent) as e:
-        msg = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else
-               e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except user_errors() as e:
+        return fail(describe(e))
     except KeyboardInterrupt:
         print("error: interrupted (the parts written so far are kept: run the same command to resume)",
               file=sys.stderr)

@@ -21,7 +21,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Tensor
 
-from ..utils.checks import ids
+from ..utils.checks import ids, positive_int
 from .arch_util import Embedding, Linear, ModuleWeights
 from .base import Model
 from .xtransformers import encoder_from_config
@@ -57,11 +57,9 @@ class CLVP(Model):
 
     def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
                  max_batch: int = 16):
-        if int(max_batch) < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = positive_int(max_batch, "max_batch")  # candidates per graph
         super().__init__(model_file, backend, component)
         cfg, w = self.config, self.weights
-        self.max_batch = int(max_batch)
         self.num_text_tokens, self.num_speech_tokens = cfg.num_text_tokens, cfg.num_speech_tokens
         self.dim_latent = cfg.dim_latent
         self.text_emb = Embedding(w.sub("text_emb"), cfg.num_text_tokens, cfg.dim_text)

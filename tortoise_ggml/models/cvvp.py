@@ -24,7 +24,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Tensor
 
-from ..utils.checks import floats
+from ..utils.checks import floats, positive_int
 from . import layers
 from .arch_util import AttentionBlock, Conv1d, Embedding, Linear, ModuleWeights
 from .base import Model
@@ -59,8 +59,7 @@ class CVVP(Model):
 
     def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
                  max_batch: int = 16):
-        if int(max_batch) < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = positive_int(max_batch, "max_batch")  # candidates per graph
         super().__init__(model_file, backend, component)
         cfg, w = self.config, self.weights
         if cfg.latent_multiplier != 1:
@@ -68,7 +67,6 @@ class CVVP(Model):
             raise ValueError(f"{model_file.path}: CVVP latent_multiplier {cfg.latent_multiplier} is not supported "
                              "(tortoise's CVVP only runs with 1)")
         d = cfg.model_dim
-        self.max_batch = int(max_batch)
         self.model_dim, self.mel_channels, self.mel_codes = d, cfg.mel_channels, cfg.mel_codes
         self.latent_dim = cfg.latent_multiplier * d
         self.cond_emb = (Conv1d(w.sub("cond_emb.0"), cfg.mel_channels, d // 2, 5, stride=2, padding=2),

@@ -38,4 +38,11 @@ def ids(a, name: str, limit: int, ndim: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-__all__ = ["as_generator", "floats", "ids"]
+def positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1 (bools refused), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+    return int(value)
+
+
+__all__ = ["as_generator", "floats", "ids", "positive_int"]
