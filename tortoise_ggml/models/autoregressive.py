@@ -359,6 +359,14 @@ class UnifiedVoice(Model):
             return first, second
         return first_head.forward(ctx, first), second_head.forward(ctx, second)
 
+    def build(self, ctx: Context, inputs: pg.Inputs, speech_conditioning_inputs: Tensor, text_emb: Tensor,
+              mel_emb: Tensor, return_latent: bool = False):
+        """The model's graph (the contract's builder): the reference's teacher-forced pass, get_logits over
+        [cond | text | mel] with the text and mel heads (or the latents). Generation runs on the KV cache
+        instead (inference_model)."""
+        return self.get_logits(ctx, inputs, speech_conditioning_inputs, text_emb, self.text_head, mel_emb,
+                               self.mel_head, return_latent=return_latent)
+
     def forward(self, speech_conditioning_latent, text_inputs, text_lengths, mel_codes, wav_lengths,
                 return_latent: bool = False, clip_inputs: bool = True):
         """As the reference's forward with text_first=True: (loss_text, loss_mel, mel_logits (B, vocab, M+2)),
@@ -396,8 +404,7 @@ class UnifiedVoice(Model):
         conds = inputs.add(conds_np[:, None, :], "f32")                               # ne (d, 1, B)
         text_emb = self._embed(ctx, inputs, self.text_embedding, self.text_pos_embedding, text_inputs)
         mel_emb = self._embed(ctx, inputs, self.mel_embedding, self.mel_pos_embedding, mel_codes)
-        text_out, mel_out = self.get_logits(ctx, inputs, conds, text_emb, self.text_head, mel_emb, self.mel_head,
-                                            return_latent=return_latent)
+        text_out, mel_out = self.build(ctx, inputs, conds, text_emb, mel_emb, return_latent=return_latent)
         if return_latent:
             latents = ctx.cont(ctx.view(mel_out, (mel_out.ne[0], mel_out.ne[1] - 2, b), mel_out.nb[1:3]))
             self.compute(latents, inputs=inputs)
