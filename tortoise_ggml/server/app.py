@@ -350,6 +350,18 @@ def create_app(engine: Engine, voices: VoiceStore, settings: Settings) -> FastAP
             if not getter.done():
                 getter.cancel()
 
+    async def first_result(job, request: Request, rid: str, what: str):
+        """The job's first item, or None when the client went away (answer 499); a job error as its API error."""
+        got = await wait_item(job, request)
+        if got is None:
+            return None
+        kind, value = got
+        if kind == ERROR:
+            raise as_api_error(value, rid)
+        if kind != ITEM:
+            raise ApiError(500, f"the {what} job ended without a result", code="internal_error")
+        return value
+
     # -- routes ------------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -409,14 +421,9 @@ def create_app(engine: Engine, voices: VoiceStore, settings: Settings) -> FastAP
             await form.close()
         rid = request_id(request)
         job = submit(upload_work(voices, name, clips), rid, f"voice upload {name!r}")
-        got = await wait_item(job, request)
-        if got is None:
+        value = await first_result(job, request, rid, "voice")
+        if value is None:
             return Response(status_code=499)
-        kind, value = got
-        if kind == ERROR:
-            raise as_api_error(value, rid)
-        if kind != ITEM:
-            raise ApiError(500, "the voice job ended without a result", code="internal_error")
         return JSONResponse(value, status_code=201)
 
     @app.post("/v1/audio/speech")
@@ -488,14 +495,9 @@ def create_app(engine: Engine, voices: VoiceStore, settings: Settings) -> FastAP
             data = await loop.run_in_executor(None, formats.encode_whole, fmt, np.concatenate(wavs), sr)
             return Response(data, media_type=media_type, headers=headers)
 
-        got = await wait_item(job, request)                 # the first part decides the status
-        if got is None:
+        value = await first_result(job, request, rid, "speech")   # the first part decides the status
+        if value is None:
             return Response(status_code=499)
-        kind, value = got
-        if kind == ERROR:
-            raise as_api_error(value, rid)
-        if kind != ITEM:
-            raise ApiError(500, "the speech job ended without audio", code="internal_error")
 
         async def stream(first):
             try:
