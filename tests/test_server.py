@@ -195,6 +195,20 @@ def test_long_input_is_streamed_part_by_part(client):
     assert pcm.status_code == 200 and len(pcm.content) == len(data) - 44
 
 
+def test_hifigan_fast_path_streams_chunks_as_they_are_made(client):
+    """decoder=hifigan: tts_stream's chunks go out as they are made (a streaming WAV header even for one part)."""
+    body = {"input": "Hello there.", "decoder": "hifigan", "max_mel_tokens": 20, "seed": 3}
+    with client.stream("POST", "/v1/audio/speech", json={"response_format": "wav", **body}) as r:
+        assert r.status_code == 200, r.read()
+        assert "content-length" not in r.headers
+        data = b"".join(r.iter_raw())
+    assert data[:4] == b"RIFF" and struct.unpack("<I", data[40:44])[0] == 0xFFFFFFFF
+    wav, sr = decode(data)
+    assert sr == SR and len(wav) > 0 and np.all(np.isfinite(wav))
+    pcm = client.post("/v1/audio/speech", json={"response_format": "pcm", **body})
+    assert pcm.status_code == 200 and pcm.content == data[44:]          # same seed, same chunks
+
+
 def test_flac_is_encoded_whole(client):
     r = speech(client, response_format="flac")
     assert r.status_code == 200 and r.headers["content-type"] == "audio/flac"

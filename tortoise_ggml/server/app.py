@@ -114,6 +114,17 @@ def _text_token_limit(tts):
     return getattr(config, "max_text_tokens", None)
 
 
+# what tts_stream takes of the request's knobs (the diffusion and candidate ones have no meaning there)
+_STREAM_PARAMS = frozenset(inspect.signature(tts_api.TextToSpeech.tts_stream).parameters) - {"self", "text"} \
+    if hasattr(tts_api.TextToSpeech, "tts_stream") else frozenset()
+
+
+def streams(kwargs: dict) -> bool:
+    """Whether a request is spoken chunk by chunk as it is generated: the HiFi-GAN fast path, where tts_stream
+    exists; otherwise every part comes whole."""
+    return kwargs.get("decoder") == "hifigan" and bool(_STREAM_PARAMS)
+
+
 def speech_work(voices: VoiceStore, voice: str | None, parts: list[str], kwargs: dict, seed: int):
     """The worker's job for one speech request: one item (the part's float audio) per part."""
     def work(tts):
@@ -128,6 +139,12 @@ def speech_work(voices: VoiceStore, voice: str | None, parts: list[str], kwargs:
         rng = np.random.default_rng(seed)
         latents = voices.latents(tts, voice, rng)
         for part in parts:
+            if streams(kwargs):
+                # the fast path speaks as it generates: each HiFi-GAN chunk is sent as it is made
+                stream_kwargs = {k: v for k, v in kwargs.items() if k in _STREAM_PARAMS}
+                for chunk in tts.tts_stream(part, conditioning_latents=latents, seed=rng, **stream_kwargs):
+                    yield np.asarray(chunk, np.float32).reshape(-1)
+                continue
             wav = tts.tts_with_preset(part, conditioning_latents=latents, seed=rng, verbose=False, **kwargs)
             if isinstance(wav, list):
                 wav = wav[0]
@@ -503,7 +520,8 @@ def create_app(engine: Engine, voices: VoiceStore, settings: Settings) -> FastAP
             try:
                 pcm = formats.to_pcm16(first)
                 if fmt == "wav":
-                    pcm = formats.wav_header(sr, len(pcm) // 2 if len(parts) == 1 else None) + pcm
+                    whole = len(parts) == 1 and not streams(kwargs)       # else the length is not known yet
+                    pcm = formats.wav_header(sr, len(pcm) // 2 if whole else None) + pcm
                 yield pcm
                 part = 1
                 while True:
