@@ -21,23 +21,27 @@ class ConfigError(ValueError):
     """Metadata that does not make a valid config; the message names the file, the key and the problem."""
 
 
+class _Bad(str):
+    """What _check_value returns for a value of the wrong type: the problem, told apart from a string value."""
+
+
 def _check_value(name: str, hint, value):
-    """``value`` as the field's declared type (int, float, bool, str, list[int]), or a message saying why not."""
+    """``value`` as the field's declared type (int, float, bool, str, list[int]), or a _Bad saying why not."""
     if hint is bool:
-        return value if isinstance(value, bool) else f"is {value!r}, expected true or false"
+        return value if isinstance(value, bool) else _Bad(f"is {value!r}, expected true or false")
     if hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        return value if ok else f"is {value!r}, expected an integer"
+        return value if ok else _Bad(f"is {value!r}, expected an integer")
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"is {value!r}, expected a finite number"
+            return _Bad(f"is {value!r}, expected a finite number")
         return float(value)
     if hint is str:
-        return value if isinstance(value, str) else f"is {value!r}, expected a string"
+        return value if isinstance(value, str) else _Bad(f"is {value!r}, expected a string")
     if typing.get_origin(hint) is list:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                            for v in value):
-            return f"is {value!r}, expected a list of integers"
+            return _Bad(f"is {value!r}, expected a list of integers")
         return [int(v) for v in value]
     raise TypeError(f"config field {name}: unsupported type {hint!r}")
 
@@ -68,7 +72,7 @@ class Config:
                     raise ConfigError(f"{source or 'model file'}: missing metadata {key} ({cls.__name__})")
                 continue
             checked = _check_value(f.name, hints[f.name], values[f.name])
-            if isinstance(checked, str) and hints[f.name] is not str:
+            if isinstance(checked, _Bad):
                 raise ConfigError(f"{source or 'model file'}: metadata {key} {checked}")
             kwargs[f.name] = checked
         config = cls(**kwargs, source=source)
