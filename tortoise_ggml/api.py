@@ -115,15 +115,39 @@ class TextToSpeech:
             setattr(self, entry.attribute, model)
 
     def _text_tokens(self, text: str) -> np.ndarray:
-        """(1, T) token ids with tortoise's trailing pad 0; text that leaves no tokens (empty, only symbols the
-        cleaners drop) is an error, not a clip of noise."""
+        """(1, T) token ids with tortoise's trailing pad 0 ("This may not be necessary."); text that leaves no
+        tokens (empty, only symbols the cleaners drop) is an error, not a clip of noise, and so is text beyond the
+        model's max_text_tokens."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, not {type(text).__name__}")
         tokens = self.tokenizer.encode(text) if re.search(r"[^\W_]", text) else []
         if not tokens:
             raise ValueError(f"the text {text[:40]!r} has nothing to speak: no letters or digits left after "
                              "tortoise's text cleaners")
-        return np.pad(np.asarray(tokens, np.int32)[None], ((0, 0), (0, 1)))  # as tortoise: "may not be necessary"
+        text_tokens = np.pad(np.asarray(tokens, np.int32)[None], ((0, 0), (0, 1)))
+        limit = self.autoregressive.config.max_text_tokens
+        if text_tokens.shape[-1] > limit:
+            raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "
+                             "tortoise_ggml.utils.text.split_and_recombine_text and speak the parts")
+        return text_tokens
+
+    def _check_max_mel_tokens(self, max_mel_tokens) -> None:
+        top = self.autoregressive.max_mel_tokens - 3
+        if isinstance(max_mel_tokens, bool) or not isinstance(max_mel_tokens, (int, np.integer)) \
+                or not 0 < max_mel_tokens <= top:
+            raise ValueError(f"max_mel_tokens must be an integer in (0, {top}], got {max_mel_tokens!r}")
+
+    def _auto_conditioning(self, voice_samples, rng):
+        """The clips as a list, their conditioning mels (1, clips, spec_dim, T) and the autoregressive latent."""
+        if isinstance(voice_samples, np.ndarray) and voice_samples.ndim == 1:
+            voice_samples = [voice_samples]
+        voice_samples = list(voice_samples)
+        if not voice_samples:
+            raise ValueError("get_conditioning_latents needs at least one voice clip")
+        length = self.audio_config.conditioning_length
+        auto_conds = np.stack([audio.format_conditioning(v, self.mel_norms, cond_length=length, rng=rng)
+                               for v in voice_samples])[None]
+        return voice_samples, auto_conds, self.autoregressive.get_conditioning(auto_conds)
 
     def _need(self, *names: str) -> None:
         for name in names:
@@ -141,16 +165,8 @@ class TextToSpeech:
         the model file has no diffusion weights.
         """
         self._need("autoregressive")
-        if isinstance(voice_samples, np.ndarray) and voice_samples.ndim == 1:
-            voice_samples = [voice_samples]
-        voice_samples = list(voice_samples)
-        if not voice_samples:
-            raise ValueError("get_conditioning_latents needs at least one voice clip")
-        rng = as_generator(seed)
+        voice_samples, auto_conds, auto_latent = self._auto_conditioning(voice_samples, as_generator(seed))
         ac = self.audio_config
-        auto_conds = np.stack([audio.format_conditioning(v, self.mel_norms, cond_length=ac.conditioning_length,
-                                                         rng=rng) for v in voice_samples])
-        auto_latent = self.autoregressive.get_conditioning(auto_conds[None])
         diffusion_latent = diffusion_conds = None
         if self.diffusion is not None:
             mels = []
@@ -162,7 +178,7 @@ class TextToSpeech:
             diffusion_conds = np.stack([m.reshape(m.shape[-2], m.shape[-1]) for m in mels])[None]
             diffusion_latent = self.diffusion.get_conditioning(diffusion_conds)
         if return_mels:
-            return auto_latent, diffusion_latent, auto_conds[None], diffusion_conds
+            return auto_latent, diffusion_latent, auto_conds, diffusion_conds
         return auto_latent, diffusion_latent
 
     @serialized
@@ -223,19 +239,13 @@ class TextToSpeech:
                 raise ValueError("cvvp_amount > 0 needs voice_samples: CVVP compares the candidates with the voice "
                                  "clips' conditioning mels, which conditioning latents do not carry (tortoise needs "
                                  "the clips too); pass the clips, or cvvp_amount=0")
-        if not 0 < max_mel_tokens <= self.autoregressive.max_mel_tokens - 3:
-            raise ValueError(f"max_mel_tokens must be in (0, {self.autoregressive.max_mel_tokens - 3}], "
-                             f"got {max_mel_tokens}")
+        self._check_max_mel_tokens(max_mel_tokens)
         if num_autoregressive_samples < 1 or k < 1 or k > num_autoregressive_samples:
             raise ValueError(f"need 1 <= k ({k}) <= num_autoregressive_samples ({num_autoregressive_samples})")
         rng = as_generator(seed)
         stats = {}
         t0 = time.perf_counter()
         text_tokens = self._text_tokens(text)
-        limit = self.autoregressive.config.max_text_tokens
-        if text_tokens.shape[-1] > limit:
-            raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "
-                             "tortoise_ggml.utils.text.split_and_recombine_text and speak the parts")
         auto_conds = None  # the clips' conditioning mels (1, n_clips, 80, T), which CVVP compares with
         if voice_samples is not None:
             auto_conditioning, diffusion_conditioning, auto_conds, _ = self.get_conditioning_latents(
@@ -345,26 +355,10 @@ class TextToSpeech:
         given latents (a get_conditioning_latents pair or the AR latent alone), or a random voice (rlg_auto)."""
         self._need_hifigan()
         ar = self.autoregressive
-        if isinstance(max_mel_tokens, bool) or not isinstance(max_mel_tokens, (int, np.integer)) \
-                or not 0 < max_mel_tokens <= ar.max_mel_tokens - 3:
-            raise ValueError(f"max_mel_tokens must be an integer in (0, {ar.max_mel_tokens - 3}], "
-                             f"got {max_mel_tokens!r}")
-        text_tokens = np.asarray(self.tokenizer.encode(text), np.int32)[None]
-        text_tokens = np.pad(text_tokens, ((0, 0), (0, 1)))   # as tortoise: "This may not be necessary."
-        limit = ar.config.max_text_tokens
-        if text_tokens.shape[-1] > limit:
-            raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "
-                             "tortoise_ggml.utils.text.split_and_recombine_text and speak the parts")
+        self._check_max_mel_tokens(max_mel_tokens)
+        text_tokens = self._text_tokens(text)
         if voice_samples is not None:
-            if isinstance(voice_samples, np.ndarray) and voice_samples.ndim == 1:
-                voice_samples = [voice_samples]
-            voice_samples = list(voice_samples)
-            if not voice_samples:
-                raise ValueError("voice_samples holds no clip")
-            ac = self.audio_config
-            conds = np.stack([audio.format_conditioning(v, self.mel_norms, cond_length=ac.conditioning_length,
-                                                        rng=rng) for v in voice_samples])
-            auto_conditioning = ar.get_conditioning(conds[None])
+            auto_conditioning = self._auto_conditioning(voice_samples, rng)[2]
         elif conditioning_latents is not None:
             auto_conditioning = (conditioning_latents[0] if isinstance(conditioning_latents, (tuple, list))
                                  else conditioning_latents)
