@@ -105,14 +105,12 @@ class Graph:
 
     def print(self, file=None) -> str:
         """ggml_graph_print's report: printed (to ``file``, default stdout) and returned."""
-        self._check_contexts()
-        with log.capture() as buf:
-            lib.ggml_graph_print(self.ptr)
-        text = "".join(buf)
+        text = str(self)
         print(text, end="", file=file)
         return text
 
     def __str__(self) -> str:
+        """ggml_graph_print's report."""
         self._check_contexts()
         with log.capture() as buf:
             lib.ggml_graph_print(self.ptr)
