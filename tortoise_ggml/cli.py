@@ -62,6 +62,14 @@ def add_generation_options(ap) -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+GENERATION_OPTIONS = ("num_autoregressive_samples", "diffusion_iterations", "max_mel_tokens")
+
+
+def generation_overrides(args) -> dict:
+    """The add_generation_options overrides given on the command line, for tts()/tts_with_preset()."""
+    return {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -76,4 +84,5 @@ def describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-__all__ = ["UsageError", "user_errors", "add_generation_options", "audio_formats", "check_output", "fail", "describe"]
+__all__ = ["UsageError", "user_errors", "add_generation_options", "generation_overrides", "audio_formats",
+           "check_output", "fail", "describe"]

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .cli import UsageError, add_generation_options, check_output, describe, fail, user_errors
+from .cli import UsageError, add_generation_options, check_output, describe, fail, generation_overrides, user_errors
 
 DEFAULT_TEXT = "Tortoise is a text to speech program built with priorities on multi-voice capabilities and realism."
 AUDIO_EXTS = (".wav", ".mp3", ".flac", ".ogg")
@@ -127,9 +127,9 @@ def main(argv=None) -> int:
             return _stream(args, tts, text, latents, rng)
         overrides_decoder = {"decoder": decoder} if decoder != "univnet" else {}
         # 0 is a value (and an error the API names), not "use the preset"
-        overrides = {name: getattr(args, name) for name in ("num_autoregressive_samples", "diffusion_iterations",
-                                                            "max_mel_tokens", "sampler")
-                     if getattr(args, name) is not None}
+        overrides = generation_overrides(args)
+        if args.sampler is not None:
+            overrides["sampler"] = args.sampler
         t0 = time.perf_counter()
         from .read import plan_text, speak_parts
         parts = plan_text(text, tts.tokenizer, tts.autoregressive.config.max_text_tokens,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cli import add_generation_options, describe, fail, user_errors
+from .cli import add_generation_options, describe, fail, generation_overrides, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -486,8 +486,7 @@ class VoiceRun:
 
 
 def _settings(args) -> Settings:
-    overrides = {name: getattr(args, name) for name in ("num_autoregressive_samples", "diffusion_iterations",
-                                                        "max_mel_tokens") if getattr(args, name) is not None}
+    overrides = generation_overrides(args)
     for name in ("sampler", "decoder"):
         value = getattr(args, name)
         if value is not None:
