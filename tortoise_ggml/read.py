@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .api import write_wav  # atomic: temp file + rename
 from .cli import add_generation_options, describe, fail, generation_overrides, user_errors
 
 log = logging.getLogger(__name__)
@@ -139,19 +140,6 @@ def voice_seed(seed: int) -> int:
 def _tmp_name(path: str) -> str:
     d, name = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{name}.{os.getpid()}.tmp")
-
-
-def write_wav_atomic(path: str, wav: np.ndarray, sample_rate: int) -> None:
-    """16-bit PCM WAV written to a temporary name and renamed over ``path``."""
-    import soundfile
-    wav = np.asarray(wav, np.float32).reshape(-1)
-    tmp = _tmp_name(path)
-    try:
-        soundfile.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -466,12 +454,12 @@ class VoiceRun:
                                                "made": self.made})
 
     def write_part(self, j: int, wavs: list[np.ndarray], sample_rate: int) -> None:
-        write_wav_atomic(self.part_path(j), wavs[0], sample_rate)
+        write_wav(self.part_path(j), wavs[0], sample_rate)
         if len(wavs) > 1:
             cand = os.path.join(self.folder, str(j))
             os.makedirs(cand, exist_ok=True)
             for c, wav in enumerate(wavs[1:], start=1):
-                write_wav_atomic(os.path.join(cand, f"{c}.wav"), wav, sample_rate)
+                write_wav(os.path.join(cand, f"{c}.wav"), wav, sample_rate)
         self.made[j] = self.parts[j]
         self.write_manifest()
 
@@ -481,7 +469,7 @@ class VoiceRun:
         if not all(os.path.isfile(p) for p in paths):
             return None
         out = os.path.join(self.folder, self.output_name)
-        write_wav_atomic(out, np.concatenate([read_wav(p) for p in paths]), sample_rate)
+        write_wav(out, np.concatenate([read_wav(p) for p in paths]), sample_rate)
         return out
 
 
