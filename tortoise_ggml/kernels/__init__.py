@@ -1,5 +1,5 @@
-"""tortoise-ggml's fused CPU kernels (conv_time_major.c, attend_cache.c, relpos_softmax.c), as ggml custom ops on a
-pyggml Context.
+"""tortoise-ggml's fused CPU kernels (conv_time_major.c, attend_cache.c, relpos_softmax.c, q8_matmul.c,
+group_norm.c), as ggml custom ops on a pyggml Context.
 
     from tortoise_ggml import kernels
     if kernels.usable(backend, channels):
@@ -28,6 +28,14 @@ void tg_attend_cache(void * dst, int ith, int nth, void * userdata);
 struct tg_relpos_params { float scale; int32_t n; };
 void tg_relpos_softmax(void * dst, int ith, int nth, void * userdata);
 int tg_vector_width(void);
+struct tg_q8_params { int32_t taps; int32_t bias; int32_t residual; };
+void tg_im2col(void * dst, int ith, int nth, void * userdata);
+void tg_q8_pack(void * dst, int ith, int nth, void * userdata);
+void tg_q8_matmul(void * dst, int ith, int nth, void * userdata);
+int tg_q8_matmul_available(void);
+size_t tg_q8_packed_bytes(int64_t k);
+struct tg_group_norm_params { int32_t groups; int32_t silu; float eps; };
+void tg_group_norm(void * dst, int ith, int nth, void * userdata);
 """)
 
 
@@ -171,5 +179,93 @@ def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: f
                       userdata=_userdata("tg_relpos_params", scale=float(scale), n=int(n)))
 
 
+def _check_time_major(x: Tensor, what: str) -> None:
+    if x.type.name != "F32" or x.nb[0] != 4 or x.ne[3] != 1:
+        raise ShapeError(f"{what}: input must be F32 time-major ne (C, T, B) with adjacent channels, got {x!r}")
+
+
+def _taps(taps: int, what: str) -> int:
+    if taps < 1 or taps % 2 == 0:
+        raise ShapeError(f"{what}: taps must be odd and positive (zero padding (taps-1)/2 each side), got {taps}")
+    return int(taps)
+
+
+def im2col(ctx: Context, x: Tensor, taps: int) -> Tensor:
+    """The columns of a stride-1 convolution padded (taps-1)/2 each side, from time-major x ne (C, T, B):
+    ne (C*taps, T, B), element c*taps + j of column t being x[t - pad + j][c] (ggml_im2col's order, so a Conv1d
+    weight flattened as torch stores it multiplies them unchanged). Made straight from time-major data: ggml's
+    im2col reads channel-major data."""
+    _check_time_major(x, "im2col")
+    taps = _taps(taps, "im2col")
+    return ctx.custom(_fn("tg_im2col"), [x], (x.ne[0] * taps, x.ne[1], x.ne[2]),
+                      userdata=_userdata("tg_q8_params", taps=taps, bias=0, residual=0))
+
+
+def q8_matmul_fits(w: Tensor) -> bool:
+    """Whether q8_matmul takes weight ``w`` (on a backend where ``usable`` holds): a plain Q8_0 matrix (not in a
+    repacked layout) with a multiple of 16 rows, and the kernels built for AVX-512 VNNI."""
+    return (_lib is not None and bool(_lib.tg_q8_matmul_available()) and w.type.name == "Q8_0"
+            and w.matmul_layout is None and w.ne[1] % 16 == 0 and w.ne[0] % 32 == 0 and w.ne[2] == 1
+            and w.ne[3] == 1 and w.is_contiguous)
+
+
+def q8_pack(ctx: Context, x: Tensor, taps: int = 1) -> Tensor:
+    """im2col(x, taps) quantized for q8_matmul (exactly as ggml quantizes activations for a Q8_0 product):
+    I8 ne (bytes per column, T, B)."""
+    _check_time_major(x, "q8_pack")
+    taps = _taps(taps, "q8_pack")
+    k = x.ne[0] * taps
+    if k % 32:
+        raise ShapeError(f"q8_pack: {x.ne[0]} channels x {taps} taps is not a multiple of 32, got {x!r}")
+    return ctx.custom(_fn("tg_q8_pack"), [x], (int(_lib.tg_q8_packed_bytes(k)), x.ne[1], x.ne[2]), type="i8",
+                      userdata=_userdata("tg_q8_params", taps=taps, bias=0, residual=0))
+
+
+def q8_matmul(ctx: Context, w: Tensor, packed: Tensor, k: int, bias: Tensor | None = None,
+              residual: Tensor | None = None) -> Tensor:
+    """w @ columns (+ bias) (+ residual) for a Q8_0 weight ne (K, M) and columns packed by q8_pack (K = ``k``
+    values each): F32 ne (M, T, B), time-major. ``residual``: F32 ne (M, T, B)."""
+    m = w.ne[1]
+    if w.type.name != "Q8_0" or w.ne[0] != k or m % 16 or w.matmul_layout is not None or not w.is_contiguous:
+        raise ShapeError(f"q8_matmul: weight must be a plain contiguous Q8_0 matrix ne ({k}, M), M a multiple of 16, "
+                         f"got {w!r}")
+    if packed.type.name != "I8" or packed.ne[0] != int(_lib.tg_q8_packed_bytes(k)) or not packed.is_contiguous:
+        raise ShapeError(f"q8_matmul: columns must come from q8_pack with {k} values each, got {packed!r}")
+    args = [w, packed]
+    if bias is not None:
+        if bias.type.name != "F32" or bias.ne[:1] != (m,) or not bias.is_contiguous:
+            raise ShapeError(f"q8_matmul: bias must be contiguous F32 ne ({m},), got {bias!r}")
+    if residual is not None:
+        if (residual.type.name != "F32" or residual.ne[:3] != (m, packed.ne[1], packed.ne[2])
+                or not residual.is_contiguous):
+            raise ShapeError(f"q8_matmul: residual must be contiguous F32 ne ({m}, {packed.ne[1]}, {packed.ne[2]}), "
+                             f"got {residual!r}")
+    args += [t for t in (bias, residual) if t is not None]
+    return ctx.custom(_fn("tg_q8_matmul"), args, (m, packed.ne[1], packed.ne[2]),
+                      userdata=_userdata("tg_q8_params", taps=1, bias=int(bias is not None),
+                                         residual=int(residual is not None)))
+
+
+def group_norm(ctx: Context, x: Tensor, gamma: Tensor, beta: Tensor, groups: int, eps: float,
+               emb: Tensor | None = None, silu: bool = False) -> Tensor:
+    """torch GroupNorm with its affine weight and bias on time-major x ne (C, T, B), then (with ``emb`` ne (2C, B),
+    scale | shift) ``* (1 + scale) + shift``, then SiLU if ``silu``: ne (C, T, B)."""
+    _check_time_major(x, "group_norm")
+    c = x.ne[0]
+    if groups < 1 or c % groups:
+        raise ShapeError(f"group_norm: {c} channels do not split into {groups} groups")
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if v.type.name != "F32" or v.ne[:2] != (c, 1) or not v.is_contiguous:
+            raise ShapeError(f"group_norm: {name} must be contiguous F32 ne ({c},), got {v!r}")
+    args = [x, gamma, beta]
+    if emb is not None:
+        if emb.type.name != "F32" or emb.ne[:2] != (2 * c, x.ne[2]) or emb.nb[0] != 4:
+            raise ShapeError(f"group_norm: emb must be F32 ne ({2 * c}, {x.ne[2]}), got {emb!r}")
+        args.append(emb)
+    return ctx.custom(_fn("tg_group_norm"), args, x.ne[:3],
+                      userdata=_userdata("tg_group_norm_params", groups=int(groups), silu=int(bool(silu)),
+                                         eps=float(eps)))
+
+
 __all__ = ["available", "usable", "vector_width", "choose", "attend_cache_fits", "conv1d", "lvc_gated", "attend_cache",
-           "relpos_softmax"]
+           "relpos_softmax", "im2col", "q8_matmul_fits", "q8_pack", "q8_matmul", "group_norm"]

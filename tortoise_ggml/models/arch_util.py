@@ -98,14 +98,14 @@ class Conv1d:
         return layers.conv1d(ctx, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                              kernel_size=self.kernel_size)
 
-    def forward_sequence(self, ctx: Context, x: Tensor) -> Tensor:
-        """A 1x1 convolution applied to sequence data ne (C_in, T, B) -> ne (C_out, T, B): a Linear over channels,
-        without the two transposes a channel-data call would cost."""
-        if self.kernel_size != 1 or self.stride != 1 or self.padding != 0:
-            raise pg.ShapeError(f"forward_sequence takes a 1x1 convolution, not kernel {self.kernel_size}")
-        w = self.weight
-        flat = w if self.matrix else ctx.reshape(w, self.in_channels, self.out_channels)
-        return layers.linear(ctx, x, flat, self.bias)
+    def forward_sequence(self, ctx: Context, x: Tensor, residual: Tensor | None = None, fused: bool = False) -> Tensor:
+        """The convolution on sequence data ne (C_in, T, B) -> ne (C_out, T, B) (+ ``residual``), for stride 1 and
+        'same' padding: 1x1 convolutions without the two transposes a channel-data call costs, and with ``fused``
+        (tortoise-ggml's CPU kernels) Q8_0 weights in kernels.q8_matmul (layers.conv1d_time_major)."""
+        if self.stride != 1 or self.dilation != 1 or 2 * self.padding != self.kernel_size - 1:
+            raise pg.ShapeError(f"forward_sequence takes a stride-1 'same' convolution, not kernel "
+                                f"{self.kernel_size} stride {self.stride} padding {self.padding}")
+        return layers.conv1d_time_major(ctx, x, self.weight, self.bias, self.kernel_size, fused, residual)
 
 
 class Embedding:
@@ -141,6 +141,23 @@ class GroupNorm32:
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
         return layers.group_norm(ctx, x, self.weight, self.bias, self.groups, GROUP_NORM_EPS)
+
+    def forward_sequence(self, ctx: Context, x: Tensor, emb: Tensor | None = None, silu: bool = False,
+                         fused: bool = False) -> Tensor:
+        """The norm on sequence data ne (C, T, B), then with ``emb`` ne (2C, B) (a ResBlock's scale | shift)
+        ``* (1 + scale) + shift``, then SiLU if ``silu``. ``fused``: all of it in one pass (kernels.group_norm);
+        otherwise ggml's group_norm, which normalizes channel data, between two transposes."""
+        if fused:
+            return kernels.group_norm(ctx, x if x.nb[0] == 4 else ctx.cont(x), self.weight, self.bias, self.groups,
+                                      GROUP_NORM_EPS, emb, silu)
+        y = layers.to_sequence(ctx, self.forward(ctx, layers.to_sequence(ctx, x)))
+        if emb is not None:
+            c, b, es = x.ne[0], emb.ne[1], emb.nb[0]
+            # torch.chunk(emb_out, 2, dim=1), each as ne (C, 1, B) to broadcast over time
+            scale = ctx.reshape(ctx.cont(ctx.view(emb, (c, b), (emb.nb[1],), 0)), c, 1, b)
+            shift = ctx.reshape(ctx.cont(ctx.view(emb, (c, b), (emb.nb[1],), c * es)), c, 1, b)
+            y = ctx.add(ctx.mul(y, ctx.scale_bias(scale, 1.0, 1.0)), shift)
+        return ctx.silu(y) if silu else y
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -213,18 +230,26 @@ class AttentionBlock:
                 w.sub("relative_pos_embeddings"), scale=(channels // num_heads) ** .5, heads=num_heads,
                 num_buckets=num_buckets, max_distance=max_distance)
 
-    def forward(self, ctx: Context, x: Tensor, inputs: pg.Inputs | None = None) -> Tensor:
-        qkv = self.qkv.forward_sequence(ctx, layers.to_sequence(ctx, self.norm.forward(ctx, x)))
+    def _attend(self, ctx: Context, qkv: Tensor, inputs: pg.Inputs | None, t: int) -> Tensor:
+        """QKVAttentionLegacy with this block's relative position bias (if any): qkv ne (3C, T, B) -> ne (C, T, B)."""
         rel = self.relative_pos_embeddings
         if rel is None:
-            h = qkv_attention_legacy(ctx, qkv, self.num_heads)
-        elif self.fused:
-            h = qkv_attention_legacy(ctx, qkv, self.num_heads, rel_table=rel.per_distance(ctx, inputs, x.ne[0]))
-        else:
-            t = x.ne[0]
-            h = qkv_attention_legacy(ctx, qkv, self.num_heads, rel.forward(ctx, inputs, t, t + -t % KEY_STEP))
-        h = self.proj_out.forward_sequence(ctx, h)
+            return qkv_attention_legacy(ctx, qkv, self.num_heads)
+        if self.fused:
+            return qkv_attention_legacy(ctx, qkv, self.num_heads, rel_table=rel.per_distance(ctx, inputs, t))
+        return qkv_attention_legacy(ctx, qkv, self.num_heads, rel.forward(ctx, inputs, t, t + -t % KEY_STEP))
+
+    def forward(self, ctx: Context, x: Tensor, inputs: pg.Inputs | None = None) -> Tensor:
+        qkv = self.qkv.forward_sequence(ctx, layers.to_sequence(ctx, self.norm.forward(ctx, x)))
+        h = self.proj_out.forward_sequence(ctx, self._attend(ctx, qkv, inputs, x.ne[0]))
         return ctx.add(x, layers.to_sequence(ctx, h))
+
+    def forward_sequence(self, ctx: Context, x: Tensor, inputs: pg.Inputs | None = None) -> Tensor:
+        """The block on sequence data ne (C, T, B): no transposes; with ``fused`` the norm, the products (Q8_0
+        weights) and the residual add in tortoise-ggml's CPU kernels."""
+        f = self.fused
+        qkv = self.qkv.forward_sequence(ctx, self.norm.forward_sequence(ctx, x, fused=f), fused=f)
+        return self.proj_out.forward_sequence(ctx, self._attend(ctx, qkv, inputs, x.ne[1]), residual=x, fused=f)
 
 
 __all__ = ["ModuleWeights", "normalization", "Linear", "Conv1d", "Embedding", "LayerNorm", "GroupNorm32",

@@ -7,8 +7,10 @@ Same blocks, names and order as the reference: timestep_embedding, ResBlock, Dif
 Inference-only: dropout, layer drop, the training-time unconditioned batches and the DDP "extraneous addition"
 (0 * the mean of unused parameters) have no effect at inference and are left out.
 
-Layouts follow tortoise_ggml.layers: channel data ne (T, C, B) (the memory of torch's (B, C, T)); 1x1 convolutions
-and attention run on sequence data ne (C, T, B). Numpy arrays in and out have the reference's shapes.
+Layouts follow tortoise_ggml.layers: the conditioning paths run on channel data ne (T, C, B) (the memory of torch's
+(B, C, T)); the step's trunk runs on sequence data ne (C, T, B) throughout, where its attention and 1x1 convolutions
+need no transposes and, on the CPU, the fused kernels take the norms, the Q8_0 products (AVX-512 VNNI) and the
+residual adds. Numpy arrays in and out have the reference's shapes.
 
 One sampling step calls ``forward`` on a batch that holds both the conditioned and the conditioning-free entry
 (``conditioning_free`` may be a per-entry sequence), so each step is one graph; the graph is built once per
@@ -65,12 +67,13 @@ def timestep_embedding(ctx: Context, timesteps: Tensor, dim: int, max_period: in
 
 class ResBlock:
     """diffusion_decoder.ResBlock(channels, channels, dropout, use_scale_shift_norm=True) with the default
-    efficient_config (1x1 input conv) and kernel_size 3, on channel data ne (T, C, B) and embeddings ne (C, B)."""
+    efficient_config (1x1 input conv) and kernel_size 3, on sequence data ne (C, T, B) and embeddings ne (C, B).
+    ``fused``: the norms (with scale, shift and SiLU), products and the skip add in tortoise-ggml's CPU kernels."""
 
-    def __init__(self, w: ModuleWeights, channels: int, emb_channels: int):
+    def __init__(self, w: ModuleWeights, channels: int, emb_channels: int, fused: bool = False):
         # in_layers: GroupNorm32, SiLU, Conv1d(1x1); emb_layers: SiLU, Linear(emb, 2C);
         # out_layers: GroupNorm32, SiLU, Dropout, Conv1d(k3, p1)
-        self.channels = channels
+        self.channels, self.fused = channels, fused
         self.in_layers = (GroupNorm32(w.sub("in_layers.0"), channels),
                           Conv1d(w.sub("in_layers.2"), channels, channels, 1))
         self.emb_layers = Linear(w.sub("emb_layers.1"), emb_channels, 2 * channels)
@@ -78,28 +81,25 @@ class ResBlock:
                            Conv1d(w.sub("out_layers.3"), channels, channels, 3, padding=1))
 
     def forward(self, ctx: Context, x: Tensor, emb: Tensor) -> Tensor:
+        f = self.fused
         in_norm, in_conv = self.in_layers
-        h = in_conv.forward(ctx, ctx.silu(in_norm.forward(ctx, x)))
+        h = in_conv.forward_sequence(ctx, in_norm.forward_sequence(ctx, x, silu=True, fused=f), fused=f)
         emb_out = self.emb_layers.forward(ctx, ctx.silu(emb))                    # ne (2C, B)
-        c, b, es = self.channels, emb_out.ne[1], emb_out.nb[0]
-        # torch.chunk(emb_out, 2, dim=1), each as ne (1, C, B) to broadcast over time
-        scale = ctx.reshape(ctx.cont(ctx.view(emb_out, (c, b), (emb_out.nb[1],), 0)), 1, c, b)
-        shift = ctx.reshape(ctx.cont(ctx.view(emb_out, (c, b), (emb_out.nb[1],), c * es)), 1, c, b)
+        # out_norm(h) * (1 + scale) + shift, then SiLU and the conv; skip_connection is the identity
         out_norm, out_conv = self.out_layers
-        h = ctx.add(ctx.mul(out_norm.forward(ctx, h), ctx.scale_bias(scale, 1.0, 1.0)), shift)
-        h = out_conv.forward(ctx, ctx.silu(h))
-        return ctx.add(x, h)  # skip_connection is the identity: out_channels == channels
+        h = out_norm.forward_sequence(ctx, h, emb=emb_out, silu=True, fused=f)
+        return out_conv.forward_sequence(ctx, h, residual=x, fused=f)
 
 
 class DiffusionLayer:
     def __init__(self, w: ModuleWeights, model_channels: int, num_heads: int, num_buckets: int, max_distance: int,
                  fused: bool = False):
-        self.resblk = ResBlock(w.sub("resblk"), model_channels, model_channels)
+        self.resblk = ResBlock(w.sub("resblk"), model_channels, model_channels, fused)
         self.attn = AttentionBlock(w.sub("attn"), model_channels, num_heads, True, num_buckets, max_distance, fused)
 
     def forward(self, ctx: Context, inputs: pg.Inputs, x: Tensor, time_emb: Tensor) -> Tensor:
         y = self.resblk.forward(ctx, x, time_emb)
-        return self.attn.forward(ctx, y, inputs)
+        return self.attn.forward_sequence(ctx, y, inputs)
 
 
 class DiffusionTts(Model):
@@ -145,7 +145,8 @@ class DiffusionTts(Model):
         self.integrating_conv = Conv1d(w.sub("integrating_conv"), 2 * c, c, 1)
         self.mel_head = Conv1d(w.sub("mel_head"), c, c_in, 3, padding=1)
         self.layers = ([DiffusionLayer(w.sub(f"layers.{i}"), c, heads, *rp) for i in range(self.num_layers)]
-                       + [ResBlock(w.sub(f"layers.{i}"), c, c) for i in range(self.num_layers, self.num_layers + 3)])
+                       + [ResBlock(w.sub(f"layers.{i}"), c, c, self.fused)
+                          for i in range(self.num_layers, self.num_layers + 3)])
         self.out = (GroupNorm32(w.sub("out.0"), c), Conv1d(w.sub("out.2"), c, self.out_channels, 3, padding=1))
         self._unconditioned_cache = None
 
@@ -156,18 +157,21 @@ class DiffusionTts(Model):
         return second.forward(ctx, ctx.silu(first.forward(ctx, emb)))
 
     def build(self, ctx: Context, inputs: pg.Inputs, x: Tensor, timesteps: Tensor, code_emb: Tensor) -> Tensor:
-        """forward on x ne (L, in_channels, B), timesteps ne (B,), code_emb ne (L, C, B) -> ne (L, out, B)."""
+        """forward on sequence data x ne (in_channels, L, B), timesteps ne (B,), code_emb ne (C, L, B)
+        -> ne (out_channels, L, B). The trunk runs on sequence data throughout: its attention and 1x1 convolutions
+        want it, and the CPU kernels take norms and k3 convolutions there too."""
+        f = self.fused
         time_emb = self._time_embed(ctx, timesteps)
         for layer in self.conditioning_timestep_integrator:
             code_emb = layer.forward(ctx, inputs, code_emb, time_emb)
-        x = self.inp_block.forward(ctx, x)
-        x = ctx.concat(x, code_emb, 1)
-        x = self.integrating_conv.forward(ctx, x)
+        x = self.inp_block.forward_sequence(ctx, x, fused=f)
+        x = ctx.concat(x, code_emb, 0)
+        x = self.integrating_conv.forward_sequence(ctx, x, fused=f)
         for lyr in self.layers:
             x = (lyr.forward(ctx, inputs, x, time_emb) if isinstance(lyr, DiffusionLayer)
                  else lyr.forward(ctx, x, time_emb))
         out_norm, out_conv = self.out
-        return out_conv.forward(ctx, ctx.silu(out_norm.forward(ctx, x)))
+        return out_conv.forward_sequence(ctx, out_norm.forward_sequence(ctx, x, silu=True, fused=f), fused=f)
 
     # -- the reference's methods (numpy in and out) ------------------------------------------------------------
     def get_conditioning(self, conditioning_input) -> np.ndarray:
@@ -270,7 +274,8 @@ class DiffusionTts(Model):
         if free.dtype != bool or free.shape not in ((), (b,)):
             raise ValueError(f"conditioning_free must be a bool or {b} bools, got {conditioning_free!r}")
         free = np.broadcast_to(free, (b,))
-        code_emb = np.empty((b, self.model_channels, length), dtype=np.float32)
+        # (B, L, C): the memory of the graph's sequence data
+        code_emb = np.empty((b, length, self.model_channels), dtype=np.float32)
         if not free.all():
             if precomputed_aligned_embeddings is None:
                 if aligned_conditioning is None or conditioning_latent is None:
@@ -281,9 +286,9 @@ class DiffusionTts(Model):
                 pre = floats(precomputed_aligned_embeddings, "precomputed_aligned_embeddings", 3)
             if pre.shape != (b, self.model_channels, length):
                 raise ValueError(f"the aligned embeddings are {pre.shape}, expected {(b, self.model_channels, length)}")
-            code_emb[~free] = pre[~free]
+            code_emb[~free] = pre[~free].transpose(0, 2, 1)
         if free.any():
-            code_emb[free] = self._unconditioned()
+            code_emb[free] = self._unconditioned().transpose(0, 2, 1)
         return self._run_step(x, ts.astype(np.float32), code_emb)
 
     __call__ = forward
@@ -294,14 +299,17 @@ class DiffusionTts(Model):
             self._unconditioned_cache = self.unconditioned_embedding.get().reshape(1, self.model_channels, 1)
         return self._unconditioned_cache
 
-    def _run_step(self, x: np.ndarray, ts: np.ndarray, code_emb: np.ndarray) -> np.ndarray:
+    def _run_step(self, x: np.ndarray, ts: np.ndarray, cs: np.ndarray) -> np.ndarray:
+        """One step on x (B, in_channels, L) with the code embeddings cs (B, L, C) (sequence data's memory)."""
+        xs = np.ascontiguousarray(x.transpose(0, 2, 1))
+
         def build(ctx, inputs):
-            tx, tt, tc = inputs.add(x), inputs.add(ts), inputs.add(code_emb)
+            tx, tt, tc = inputs.add(xs), inputs.add(ts), inputs.add(cs)
             return {"x": tx, "timesteps": tt, "code_emb": tc}, self.build(ctx, inputs, tx, tt, tc)
 
         # one graph per input shape: every sampling step recomputes it with new inputs
-        out, = self.graphs.compute(x.shape, build, x=x, timesteps=ts, code_emb=code_emb)
-        return out.get().reshape(x.shape[0], self.out_channels, x.shape[2])
+        out, = self.graphs.compute(x.shape, build, x=xs, timesteps=ts, code_emb=cs)
+        return np.ascontiguousarray(out.get().reshape(x.shape[0], x.shape[2], self.out_channels).transpose(0, 2, 1))
 
 
 __all__ = ["DiffusionTts", "DiffusionLayer", "ResBlock", "timestep_embedding", "nearest_indices"]

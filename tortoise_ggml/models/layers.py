@@ -12,6 +12,8 @@ import math
 
 from pyggml import Context, ShapeError, Tensor
 
+from .. import kernels
+
 
 def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """torch Linear on sequence data: x ne (in, T, B) -> ne (out, T, B).
@@ -98,6 +100,40 @@ def conv1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, stride: 
     if b is not None:
         y = ctx.add(y, channel_vector(ctx, b))
     return y
+
+
+def conv1d_time_major(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, kernel_size: int, fused: bool = False,
+                      residual: Tensor | None = None) -> Tensor:
+    """torch Conv1d (stride 1, padding (K-1)/2) on sequence (time-major) data: x ne (C_in, T, B) -> ne (C_out, T, B)
+    (+ ``residual`` ne (C_out, T, B)). w ne (K, C_in, C_out) or flattened ne (K*C_in, C_out).
+
+    A 1x1 convolution is a Linear over channels. ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs
+    as kernels.q8_matmul, with the columns quantized (and for K > 1 unfolded) straight from x and bias and residual
+    added in the same pass; other weights take kernels.im2col's columns to ggml's product. Plain ggml ops unfold
+    with ggml_im2col, which reads channel-major data: one transpose.
+    """
+    c_in, k = x.ne[0], kernel_size
+    flat = w if w.ne[0] == k * c_in and w.ne[2] == 1 else None
+    if flat is None:
+        if w.ne[:2] != (k, c_in):
+            raise ShapeError(f"conv1d: weight {w!r} is neither (K={k}, C_in={c_in}, C_out) nor flattened "
+                             f"(K*C_in, C_out), for input {x!r}")
+        flat = ctx.reshape(w if w.is_contiguous else ctx.cont(w), k * c_in, w.ne[2])
+    if k % 2 == 0:
+        raise ShapeError(f"conv1d_time_major: kernel size {k} is even (its padding would not be symmetric)")
+    if fused and kernels.q8_matmul_fits(flat):
+        if not x.is_contiguous:
+            x = ctx.cont(x)
+        return kernels.q8_matmul(ctx, flat, kernels.q8_pack(ctx, x, k), k * c_in, b, residual)
+    if k == 1:
+        cols = x
+    elif fused:
+        cols = kernels.im2col(ctx, x if x.nb[0] == 4 else ctx.cont(x), k)
+    else:
+        shape = ctx.new_tensor("f32", (k, c_in)).set_input()   # im2col reads only the kernel's shape
+        cols = ctx.im2col(shape, ctx.cont(ctx.transpose(x)), 1, 0, (k - 1) // 2, 0, 1, 0, False)
+    y = linear(ctx, cols, flat, b)
+    return y if residual is None else ctx.add(y, residual)
 
 
 def conv_transpose1d(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, stride: int = 1,

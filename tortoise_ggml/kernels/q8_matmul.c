@@ -1,0 +1,258 @@
+// Products of Q8_0 weights with time-major activations for the diffusion decoder's trunk, run as ggml custom ops.
+//
+// ggml's CPU path for a Q8_0 weight (tinyBLAS_Q0) dots one weight row with one activation column per 32-block:
+// sign fix-ups, a 256-bit dot, a conversion and a scaled add for every 32 multiply-adds, so on a CPU without AMX
+// it runs barely faster than F32. Here the output rows are the vector lanes: each thread repacks a panel of 16 or
+// 32 weight rows so that one 64-byte load holds 4 consecutive weights of 16 rows, and each 4-byte group of an
+// activation column is broadcast into VPDPBUSD against it, so 64 multiply-adds retire per instruction and the
+// per-block scaling is paid once per 16 rows x 32 weights. The arithmetic is ggml's: the activations are quantized
+// exactly as quantize_row_q8_0 does (amax/127 per 32-block, scale rounded to F16, round to nearest even), and each
+// block adds float(integer dot) * (d_w * d_x), in block order.
+//
+// VPDPBUSD multiplies unsigned by signed bytes: the panel holds w + 128 (unsigned), and each packed activation
+// block carries -128 * sum(q), which starts its integer accumulator, so the sum is exactly sum(w * q).
+//
+// Layouts (ggml ne order, time-major: the channels of one frame adjacent):
+//   x       F32 ne (C, T, B), nb[0] == 4
+//   columns the product's operand for frame t is x's frames t - pad .. t - pad + taps - 1 flattened channel-major
+//           (element c*taps + j is x[t - pad + j][c], zero outside [0, T)): ggml_im2col's order, so a Conv1d weight
+//           flattened as torch stores it, (C_out, C_in*K), multiplies it unchanged; pad = (taps - 1) / 2
+//   packed  I8 ne (tg_q8_packed_bytes(K), T, B): per column q[K] (int8), d[K/32] (float), corr[K/32] (int32)
+//   weight  Q8_0 ne (K, M), M a multiple of 16, K of 32; bias F32 ne (M); residual F32 ne (M, T, B) contiguous
+//
+// tg_im2col:     dst F32 ne (C*taps, T, B) = the columns
+// tg_q8_pack:    dst I8 packed = the columns, quantized
+// tg_q8_matmul:  dst F32 ne (M, T, B) = weight @ columns (+ bias) (+ residual)
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define TG_Q8 1
+#endif
+
+#include "ggml.h"
+
+#define QK 32
+
+struct tg_q8_params {
+    int32_t taps;      // tg_im2col, tg_q8_pack
+    int32_t bias;      // tg_q8_matmul: src[2] is the bias
+    int32_t residual;  // tg_q8_matmul: the next source is the residual
+};
+
+int tg_q8_matmul_available(void) {
+#ifdef TG_Q8
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+size_t tg_q8_packed_bytes(int64_t k) { return (size_t) k + (size_t) (k / QK) * 8; }
+
+// the columns [first, last) of the flattened index n = t + T*b
+static void split(int64_t n, int ith, int nth, int64_t * first, int64_t * last) {
+    const int64_t per = (n + nth - 1) / nth;
+    *first = per * ith < n ? per * ith : n;
+    *last = *first + per < n ? *first + per : n;
+}
+
+// column n of x's im2col into col[C*taps] (for taps == 1 the frame itself is returned, nothing copied)
+static const float * gather(const struct ggml_tensor * x, int taps, int64_t n, float * col) {
+    const int64_t c = x->ne[0], t_len = x->ne[1], t = n % t_len, b = n / t_len;
+    const char * base = (const char *) x->data + b * x->nb[2];
+    if (taps == 1) {
+        return (const float *) (base + t * x->nb[1]);
+    }
+    const int pad = (taps - 1) / 2;
+    for (int j = 0; j < taps; j++) {
+        const int64_t s = t - pad + j;
+        if (s < 0 || s >= t_len) {
+            for (int64_t i = 0; i < c; i++) col[i * taps + j] = 0.0f;
+        } else {
+            const float * f = (const float *) (base + s * x->nb[1]);
+            for (int64_t i = 0; i < c; i++) col[i * taps + j] = f[i];
+        }
+    }
+    return col;
+}
+
+void tg_im2col(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const struct ggml_tensor * x = dst->src[0];
+    const int taps = ((const struct tg_q8_params *) userdata)->taps;
+    const int64_t k = x->ne[0] * taps;
+    int64_t first, last;
+    split(x->ne[1] * x->ne[2], ith, nth, &first, &last);
+    for (int64_t n = first; n < last; n++) {
+        float * col = (float *) ((char *) dst->data + n * dst->nb[1]);
+        const float * src = gather(x, taps, n, col);
+        if (src != col) memcpy(col, src, k * sizeof(float));
+    }
+}
+
+#ifdef TG_Q8
+// quantize_row_q8_0's arithmetic for one 32-block, the scale rounded through F16 as block_q8_0 stores it
+static void quantize_block(const float * v, int8_t * q, float * d, int32_t * corr) {
+    const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    *d = _cvtsh_ss(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m512 m = _mm512_set1_ps(id);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(a, m), _MM_FROUND_TO_NEAREST_INT));
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(b, m), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128((__m128i *) q, _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *) (q + 16), _mm512_cvtsepi32_epi8(qb));
+    *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+}
+#endif
+
+void tg_q8_pack(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+#ifdef TG_Q8
+    const struct ggml_tensor * x = dst->src[0];
+    const int taps = ((const struct tg_q8_params *) userdata)->taps;
+    const int64_t k = x->ne[0] * taps, nb = k / QK;
+    float * col = taps > 1 ? malloc(k * sizeof(float)) : NULL;
+    int64_t first, last;
+    split(x->ne[1] * x->ne[2], ith, nth, &first, &last);
+    for (int64_t n = first; n < last; n++) {
+        int8_t * q = (int8_t *) ((char *) dst->data + n * dst->nb[1]);
+        float * d = (float *) (q + k);
+        int32_t * corr = (int32_t *) (d + nb);
+        const float * v = gather(x, taps, n, col);
+        for (int64_t i = 0; i < nb; i++) quantize_block(v + i * QK, q + i * QK, d + i, corr + i);
+    }
+    free(col);
+#else
+    (void) dst, (void) ith, (void) nth, (void) userdata;
+#endif
+}
+
+#ifdef TG_Q8
+#define NR 6  // activation columns per tile: with 2 row groups, 12 integer + 12 float accumulators
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[QK];
+} block_q8;
+
+// rows [r0, r0 + 16*ni) of the Q8_0 weight into the panel: wq[((b*8 + g)*ni + i)*64 + l*4 + e] = w[r0 + 16i + l]
+// [b*32 + g*4 + e] + 128, wd[(b*ni + i)*16 + l] = the scale of that row's block b
+static void pack_panel(const struct ggml_tensor * w, int64_t r0, int ni, int64_t nb, uint8_t * wq, float * wd) {
+    for (int i = 0; i < ni; i++) {
+        for (int l = 0; l < 16; l++) {
+            const block_q8 * row = (const block_q8 *) ((const char *) w->data + (r0 + 16 * i + l) * w->nb[1]);
+            for (int64_t b = 0; b < nb; b++) {
+                wd[(b * ni + i) * 16 + l] = _cvtsh_ss(row[b].d);
+                for (int g = 0; g < 8; g++) {
+                    uint32_t v;
+                    memcpy(&v, row[b].qs + 4 * g, 4);
+                    v ^= 0x80808080u;
+                    memcpy(wq + ((b * 8 + g) * ni + i) * 64 + l * 4, &v, 4);
+                }
+            }
+        }
+    }
+}
+
+// out[j*ldd + 16i + l] (16*ni rows x nr columns) = sum over blocks of float(idot) * d_w * d_x (+ bias) (+ res)
+static inline __attribute__((always_inline)) void tile(const int ni, const int nr, const uint8_t * wq,
+                                                        const float * wd, int64_t nb, const uint8_t * xc,
+                                                        size_t xs, int64_t k, float * out, size_t ldd,
+                                                        const float * bias, const float * res) {
+    __m512 fa[2][NR];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < NR; j++) fa[i][j] = _mm512_setzero_ps();
+    const float * xd[NR];
+    const int32_t * xcorr[NR];
+    for (int j = 0; j < nr; j++) {
+        xd[j] = (const float *) (xc + j * xs + k);
+        xcorr[j] = (const int32_t *) (xd[j] + nb);
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i ia[2][NR];
+        for (int j = 0; j < nr; j++) {
+            ia[0][j] = ia[1][j] = _mm512_set1_epi32(xcorr[j][b]);
+        }
+        const uint8_t * wb = wq + b * 8 * ni * 64;
+        const uint8_t * xb = xc + b * QK;
+        _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) {
+            const __m512i w0 = _mm512_loadu_si512(wb + (g * ni) * 64);
+            const __m512i w1 = ni > 1 ? _mm512_loadu_si512(wb + (g * ni + 1) * 64) : w0;
+            _Pragma("GCC unroll 6") for (int j = 0; j < nr; j++) {
+                int32_t xv;
+                memcpy(&xv, xb + j * xs + g * 4, 4);
+                const __m512i xq = _mm512_set1_epi32(xv);
+                ia[0][j] = _mm512_dpbusd_epi32(ia[0][j], w0, xq);
+                if (ni > 1) ia[1][j] = _mm512_dpbusd_epi32(ia[1][j], w1, xq);
+            }
+        }
+        for (int i = 0; i < ni; i++) {
+            const __m512 dw = _mm512_loadu_ps(wd + (b * ni + i) * 16);
+            for (int j = 0; j < nr; j++) {
+                const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(xd[j][b]));
+                fa[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][j]), s, fa[i][j]);
+            }
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        for (int i = 0; i < ni; i++) {
+            __m512 v = fa[i][j];
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * i));
+            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + j * ldd + 16 * i));
+            _mm512_storeu_ps(out + j * ldd + 16 * i, v);
+        }
+    }
+}
+
+#define TILE_CASE(NI, N) \
+    case N: tile(NI, N, wq, wd, nb, xc, xs, k, out, ldd, bias, res); break;
+
+static void tiles(int ni, int nr, const uint8_t * wq, const float * wd, int64_t nb, const uint8_t * xc, size_t xs,
+                  int64_t k, float * out, size_t ldd, const float * bias, const float * res) {
+    if (ni == 2) {
+        switch (nr) { TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4) TILE_CASE(2, 5) TILE_CASE(2, 6) }
+    } else {
+        switch (nr) { TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4) TILE_CASE(1, 5) TILE_CASE(1, 6) }
+    }
+}
+#endif
+
+void tg_q8_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+#ifdef TG_Q8
+    const struct tg_q8_params * p = userdata;
+    const struct ggml_tensor * w = dst->src[0];
+    const struct ggml_tensor * xp = dst->src[1];
+    const struct ggml_tensor * bt = p->bias ? dst->src[2] : NULL;
+    const struct ggml_tensor * rt = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
+    const int64_t k = w->ne[0], m = w->ne[1], nb = k / QK, n = xp->ne[1] * xp->ne[2];
+    const size_t xs = xp->nb[1], ldd = m;
+    // row tiles of 32 (a last one of 16 where M is an odd multiple of 16), dealt round robin to the threads
+    const int64_t n_tiles = (m + 31) / 32;
+    uint8_t * wq = NULL;
+    float * wd = NULL;
+    for (int64_t rt_i = ith; rt_i < n_tiles; rt_i += nth) {
+        const int64_t r0 = rt_i * 32;
+        const int ni = r0 + 32 <= m ? 2 : 1;
+        if (!wq) {
+            wq = aligned_alloc(64, (size_t) nb * 8 * 2 * 64);
+            wd = aligned_alloc(64, (size_t) nb * 2 * 16 * sizeof(float));
+        }
+        pack_panel(w, r0, ni, nb, wq, wd);
+        const float * bias = bt ? (const float *) bt->data + r0 : NULL;
+        for (int64_t c0 = 0; c0 < n; c0 += NR) {
+            const int nr = n - c0 < NR ? (int) (n - c0) : NR;
+            float * out = (float *) dst->data + c0 * ldd + r0;
+            const float * res = rt ? (const float *) rt->data + c0 * ldd + r0 : NULL;
+            tiles(ni, nr, wq, wd, nb, (const uint8_t *) xp->data + c0 * xs, xs, k, out, ldd, bias, res);
+        }
+    }
+    free(wq);
+    free(wd);
+#else
+    (void) dst, (void) ith, (void) nth, (void) userdata;
+#endif
+}
