@@ -1,10 +1,12 @@
-"""The diffusion trunk's CPU kernels (q8_matmul.c, group_norm.c) against numpy / torch and against ggml's own ops.
+"""The diffusion trunk's CPU kernels (q8_matmul.c: im2col, q8_matmul, f32_matmul; group_norm.c) against numpy /
+torch and against ggml's own ops.
 
 * im2col: exact (a copy) against a numpy im2col of time-major data.
 * q8_matmul: against ggml's own mul_mat of the same Q8_0 weight on the same columns, which quantizes the
   activations the same way; only the order of the float additions differs: measured max abs error ~1e-5 on
   outputs of magnitude ~30 (tolerance 1e-6 relative to the largest output). Against float64 numpy it is as far
   as q8_0 rounding puts it (~1e-2 relative). A wrong tap, row, block scale or column moves outputs by >1.
+* f32_matmul: against float64 numpy; measured ~1e-6 relative to the largest output.
 * group_norm: against torch's GroupNorm (and the ResBlock's scale/shift and SiLU), float32 both sides; measured
   ~1e-6.
 """
@@ -85,6 +87,26 @@ def test_q8_matmul_matches_ggml(cpu, m, c, taps, t, bsz, bias, residual):
     assert np.abs(got - exact).max() < 2e-2 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("m,k,t,bsz", [(64, 64, 37, 2), (48, 300, 13, 1), (1024, 3072, 25, 1), (16, 16, 1, 1)])
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False)])
+def test_f32_matmul_matches_numpy(cpu, m, k, t, bsz, bias, residual):
+    """F32 both sides, other summation orders: tolerance 1e-5 relative to the largest output (measured ~1e-6)."""
+    if not kernels._lib.tg_f32_matmul_available():
+        pytest.skip("f32_matmul needs AVX-512")
+    rng = np.random.default_rng(m + k + t)
+    w = (rng.standard_normal((m, k)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((bsz, t, k)).astype(np.float32)
+    b, r = rng.standard_normal(m).astype(np.float32), rng.standard_normal((bsz, t, m)).astype(np.float32)
+    ctx = pg.Context()
+    wt = ctx.new_tensor("f32", (k, m)).set_input()
+    xt = ctx.new_tensor("f32", (k, t, bsz)).set_input()
+    bt, rt = ctx.new_tensor("f32", (m,)).set_input(), ctx.new_tensor("f32", (m, t, bsz)).set_input()
+    y = kernels.f32_matmul(ctx, wt, xt, bt if bias else None, rt if residual else None)
+    cpu.compute(pg.Graph(ctx, y), {wt: w, xt: x, **({bt: b} if bias else {}), **({rt: r} if residual else {})})
+    want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0) + (r if residual else 0)
+    np.testing.assert_allclose(y.get().reshape(bsz, t, m), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 @q8
 def test_q8_pack_quantizes_as_ggml():
     """The packed columns hold quantize_row_q8_0's blocks: F16-rounded scales, nearest-even rounding, and the
@@ -155,3 +177,7 @@ def test_trunk_kernels_refuse_bad_shapes():
         kernels.q8_matmul(ctx, wq, x, 64)
     with pytest.raises(pg.ShapeError, match="residual must be"):
         kernels.q8_matmul(ctx, wq, kernels.q8_pack(ctx, x), 64, None, ctx.new_tensor("f32", (32, 4, 2)))
+    with pytest.raises(pg.ShapeError, match="contiguous F32 matrix"):
+        kernels.f32_matmul(ctx, ctx.new_tensor("f32", (64, 24)), x)
+    with pytest.raises(pg.ShapeError, match="columns must be contiguous F32"):
+        kernels.f32_matmul(ctx, w, ctx.transpose(x))

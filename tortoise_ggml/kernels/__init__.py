@@ -34,6 +34,8 @@ void tg_q8_pack(void * dst, int ith, int nth, void * userdata);
 void tg_q8_matmul(void * dst, int ith, int nth, void * userdata);
 int tg_q8_matmul_available(void);
 size_t tg_q8_packed_bytes(int64_t k);
+void tg_f32_matmul(void * dst, int ith, int nth, void * userdata);
+int tg_f32_matmul_available(void);
 struct tg_group_norm_params { int32_t groups; int32_t silu; float eps; };
 void tg_group_norm(void * dst, int ith, int nth, void * userdata);
 """)
@@ -206,7 +208,39 @@ def q8_matmul_fits(w: Tensor) -> bool:
     repacked layout) with a multiple of 16 rows, and the kernels built for AVX-512 VNNI."""
     return (_lib is not None and bool(_lib.tg_q8_matmul_available()) and w.type.name == "Q8_0"
             and w.matmul_layout is None and w.ne[1] % 16 == 0 and w.ne[0] % 32 == 0 and w.ne[2] == 1
-            and w.ne[3] == 1 and w.is_contiguous)
+            and w.ne[3] == 1 and w.is_contiguous and 16 * w.nb[1] < 2**31)  # the panel's gather offsets: int32
+
+
+def f32_matmul_fits(w: Tensor) -> bool:
+    """Whether f32_matmul takes weight ``w`` (on a backend where ``usable`` holds): a contiguous F32 matrix with a
+    multiple of 16 rows, and the kernels built for AVX-512."""
+    return (_lib is not None and bool(_lib.tg_f32_matmul_available()) and w.type.name == "F32"
+            and w.ne[1] % 16 == 0 and w.ne[2] == 1 and w.ne[3] == 1 and w.is_contiguous)
+
+
+def _epilogue(m: int, n: tuple, bias: Tensor | None, residual: Tensor | None, what: str) -> list:
+    if bias is not None and (bias.type.name != "F32" or bias.ne[:1] != (m,) or not bias.is_contiguous):
+        raise ShapeError(f"{what}: bias must be contiguous F32 ne ({m},), got {bias!r}")
+    if residual is not None and (residual.type.name != "F32" or residual.ne[:3] != (m, *n)
+                                 or not residual.is_contiguous):
+        raise ShapeError(f"{what}: residual must be contiguous F32 ne ({m}, {n[0]}, {n[1]}), got {residual!r}")
+    return [t for t in (bias, residual) if t is not None]
+
+
+def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None,
+               residual: Tensor | None = None) -> Tensor:
+    """w @ cols (+ bias) (+ residual) for an F32 weight ne (K, M) and contiguous F32 columns ne (K, T, B) (time-major
+    data, or im2col's): F32 ne (M, T, B)."""
+    k, m = w.ne[0], w.ne[1]
+    if w.type.name != "F32" or m % 16 or not w.is_contiguous or w.ne[2] != 1 or w.ne[3] != 1:
+        raise ShapeError(f"f32_matmul: weight must be a contiguous F32 matrix ne (K, M), M a multiple of 16, "
+                         f"got {w!r}")
+    if cols.type.name != "F32" or cols.ne[0] != k or not cols.is_contiguous or cols.ne[3] != 1:
+        raise ShapeError(f"f32_matmul: columns must be contiguous F32 ne ({k}, T, B), got {cols!r}")
+    args = [w, cols] + _epilogue(m, (cols.ne[1], cols.ne[2]), bias, residual, "f32_matmul")
+    return ctx.custom(_fn("tg_f32_matmul"), args, (m, cols.ne[1], cols.ne[2]),
+                      userdata=_userdata("tg_q8_params", taps=1, bias=int(bias is not None),
+                                         residual=int(residual is not None)))
 
 
 def q8_pack(ctx: Context, x: Tensor, taps: int = 1) -> Tensor:
@@ -231,16 +265,7 @@ def q8_matmul(ctx: Context, w: Tensor, packed: Tensor, k: int, bias: Tensor | No
                          f"got {w!r}")
     if packed.type.name != "I8" or packed.ne[0] != int(_lib.tg_q8_packed_bytes(k)) or not packed.is_contiguous:
         raise ShapeError(f"q8_matmul: columns must come from q8_pack with {k} values each, got {packed!r}")
-    args = [w, packed]
-    if bias is not None:
-        if bias.type.name != "F32" or bias.ne[:1] != (m,) or not bias.is_contiguous:
-            raise ShapeError(f"q8_matmul: bias must be contiguous F32 ne ({m},), got {bias!r}")
-    if residual is not None:
-        if (residual.type.name != "F32" or residual.ne[:3] != (m, packed.ne[1], packed.ne[2])
-                or not residual.is_contiguous):
-            raise ShapeError(f"q8_matmul: residual must be contiguous F32 ne ({m}, {packed.ne[1]}, {packed.ne[2]}), "
-                             f"got {residual!r}")
-    args += [t for t in (bias, residual) if t is not None]
+    args = [w, packed] + _epilogue(m, (packed.ne[1], packed.ne[2]), bias, residual, "q8_matmul")
     return ctx.custom(_fn("tg_q8_matmul"), args, (m, packed.ne[1], packed.ne[2]),
                       userdata=_userdata("tg_q8_params", taps=1, bias=int(bias is not None),
                                          residual=int(residual is not None)))
@@ -268,4 +293,5 @@ def group_norm(ctx: Context, x: Tensor, gamma: Tensor, beta: Tensor, groups: int
 
 
 __all__ = ["available", "usable", "vector_width", "choose", "attend_cache_fits", "conv1d", "lvc_gated", "attend_cache",
-           "relpos_softmax", "im2col", "q8_matmul_fits", "q8_pack", "q8_matmul", "group_norm"]
+           "relpos_softmax", "im2col", "q8_matmul_fits", "f32_matmul_fits", "f32_matmul", "q8_pack", "q8_matmul",
+           "group_norm"]

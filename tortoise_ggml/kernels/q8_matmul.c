@@ -23,6 +23,10 @@
 // tg_im2col:     dst F32 ne (C*taps, T, B) = the columns
 // tg_q8_pack:    dst I8 packed = the columns, quantized
 // tg_q8_matmul:  dst F32 ne (M, T, B) = weight @ columns (+ bias) (+ residual)
+// tg_f32_matmul: the same for an F32 weight ne (K, M) and F32 columns ne (K, T, B) (x itself, or tg_im2col's):
+//                the panel holds 32 rows per k, each column value is broadcast into 2 x 12 FMA accumulators, and
+//                the whole contraction stays in registers (tinyBLAS's 4x6 tiles reread both operands from L2
+//                once K passes ~1000, as the k3 convolutions' 3072 do)
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -140,19 +144,44 @@ typedef struct {
 } block_q8;
 
 // rows [r0, r0 + 16*ni) of the Q8_0 weight into the panel: wq[((b*8 + g)*ni + i)*64 + l*4 + e] = w[r0 + 16i + l]
-// [b*32 + g*4 + e] + 128, wd[(b*ni + i)*16 + l] = the scale of that row's block b
+// [b*32 + g*4 + e] + 128, wd[(b*ni + i)*16 + l] = the scale of that row's block b. A decode step repacks every
+// weight once per product, so this is an in-register transpose of 16 rows x 8 dwords per block (AVX2's 8x8
+// transpose, run on rows l and l + 8 in the two halves of each register): scalar moves took twice as long as the
+// product itself, gathers longer still.
 static void pack_panel(const struct ggml_tensor * w, int64_t r0, int ni, int64_t nb, uint8_t * wq, float * wd) {
+    const __m512i flip = _mm512_set1_epi32((int32_t) 0x80808080u);
+    const __m512i lo128 = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+    const __m512i hi128 = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     for (int i = 0; i < ni; i++) {
+        const block_q8 * rows[16];
         for (int l = 0; l < 16; l++) {
-            const block_q8 * row = (const block_q8 *) ((const char *) w->data + (r0 + 16 * i + l) * w->nb[1]);
-            for (int64_t b = 0; b < nb; b++) {
-                wd[(b * ni + i) * 16 + l] = _cvtsh_ss(row[b].d);
-                for (int g = 0; g < 8; g++) {
-                    uint32_t v;
-                    memcpy(&v, row[b].qs + 4 * g, 4);
-                    v ^= 0x80808080u;
-                    memcpy(wq + ((b * 8 + g) * ni + i) * 64 + l * 4, &v, 4);
-                }
+            rows[l] = (const block_q8 *) ((const char *) w->data + (r0 + 16 * i + l) * w->nb[1]);
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            uint16_t d[16];
+            __m512i a[8], t[8], u[8];
+            for (int l = 0; l < 16; l++) d[l] = rows[l][b].d;
+            _mm512_storeu_ps(wd + (b * ni + i) * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) d)));
+            for (int p = 0; p < 8; p++) {
+                a[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) rows[p][b].qs)),
+                                          _mm256_loadu_si256((const __m256i *) rows[p + 8][b].qs), 1);
+            }
+            for (int p = 0; p < 4; p++) {
+                t[2 * p] = _mm512_unpacklo_epi32(a[2 * p], a[2 * p + 1]);
+                t[2 * p + 1] = _mm512_unpackhi_epi32(a[2 * p], a[2 * p + 1]);
+            }
+            for (int h = 0; h < 2; h++) {  // rows 0-3 (h = 0) and 4-7 of each half
+                u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
+                u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
+                u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+                u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+            }
+            uint8_t * out = wq + (b * 8 * ni + i) * 64;
+            for (int g = 0; g < 4; g++) {
+                const __m512i c0 = _mm512_permutex2var_epi64(u[g], lo128, u[g + 4]);  // dword g of all 16 rows
+                const __m512i c1 = _mm512_permutex2var_epi64(u[g], hi128, u[g + 4]);  // dword g + 4
+                _mm512_store_si512(out + (g * ni) * 64, _mm512_xor_si512(c0, flip));
+                _mm512_store_si512(out + ((g + 4) * ni) * 64, _mm512_xor_si512(c1, flip));
             }
         }
     }
@@ -252,6 +281,93 @@ void tg_q8_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
     free(wq);
     free(wd);
+#else
+    (void) dst, (void) ith, (void) nth, (void) userdata;
+#endif
+}
+
+#if defined(__AVX512F__)
+#define NRF 12  // columns per F32 tile: 2 x 12 accumulators
+
+static inline __attribute__((always_inline)) void tile_f32(const int ni, const int nr, const float * wp, int64_t k,
+                                                            const float * xc, size_t xs, float * out, size_t ldd,
+                                                            const float * bias, const float * res) {
+    __m512 acc[2][NRF];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < NRF; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        const __m512 w0 = _mm512_load_ps(wp + kk * 16 * ni);
+        const __m512 w1 = ni > 1 ? _mm512_load_ps(wp + kk * 16 * ni + 16) : w0;
+        _Pragma("GCC unroll 12") for (int j = 0; j < nr; j++) {
+            const __m512 xv = _mm512_set1_ps(xc[j * xs + kk]);
+            acc[0][j] = _mm512_fmadd_ps(w0, xv, acc[0][j]);
+            if (ni > 1) acc[1][j] = _mm512_fmadd_ps(w1, xv, acc[1][j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        for (int i = 0; i < ni; i++) {
+            __m512 v = acc[i][j];
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * i));
+            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + j * ldd + 16 * i));
+            _mm512_storeu_ps(out + j * ldd + 16 * i, v);
+        }
+    }
+}
+
+#define TILE_F32_CASE(NI, N) \
+    case N: tile_f32(NI, N, wp, k, xc, xs, out, ldd, bias, res); break;
+#define TILE_F32_CASES(NI) \
+    TILE_F32_CASE(NI, 1) TILE_F32_CASE(NI, 2) TILE_F32_CASE(NI, 3) TILE_F32_CASE(NI, 4) TILE_F32_CASE(NI, 5) \
+    TILE_F32_CASE(NI, 6) TILE_F32_CASE(NI, 7) TILE_F32_CASE(NI, 8) TILE_F32_CASE(NI, 9) TILE_F32_CASE(NI, 10) \
+    TILE_F32_CASE(NI, 11) TILE_F32_CASE(NI, 12)
+
+static void tiles_f32(int ni, int nr, const float * wp, int64_t k, const float * xc, size_t xs, float * out,
+                      size_t ldd, const float * bias, const float * res) {
+    if (ni == 2) {
+        switch (nr) { TILE_F32_CASES(2) }
+    } else {
+        switch (nr) { TILE_F32_CASES(1) }
+    }
+}
+#endif
+
+int tg_f32_matmul_available(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+#if defined(__AVX512F__)
+    const struct tg_q8_params * p = userdata;
+    const struct ggml_tensor * w = dst->src[0];
+    const struct ggml_tensor * x = dst->src[1];
+    const struct ggml_tensor * bt = p->bias ? dst->src[2] : NULL;
+    const struct ggml_tensor * rt = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
+    const int64_t k = w->ne[0], m = w->ne[1], n = x->ne[1] * x->ne[2];
+    const size_t xs = x->nb[1] / sizeof(float), ldd = m;
+    const int64_t n_tiles = (m + 31) / 32;
+    float * wp = NULL;
+    for (int64_t rt_i = ith; rt_i < n_tiles; rt_i += nth) {
+        const int64_t r0 = rt_i * 32;
+        const int ni = r0 + 32 <= m ? 2 : 1;
+        if (!wp) wp = aligned_alloc(64, (size_t) k * 32 * sizeof(float));
+        // the panel: wp[kk*16*ni + 16*i + l] = w[r0 + 16*i + l][kk]
+        for (int i = 0; i < 16 * ni; i++) {
+            const float * row = (const float *) ((const char *) w->data + (r0 + i) * w->nb[1]);
+            for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = row[kk];
+        }
+        const float * bias = bt ? (const float *) bt->data + r0 : NULL;
+        for (int64_t c0 = 0; c0 < n; c0 += NRF) {
+            const int nr = n - c0 < NRF ? (int) (n - c0) : NRF;
+            float * out = (float *) dst->data + c0 * ldd + r0;
+            const float * res = rt ? (const float *) rt->data + c0 * ldd + r0 : NULL;
+            tiles_f32(ni, nr, wp, k, (const float *) x->data + c0 * xs, xs, out, ldd, bias, res);
+        }
+    }
+    free(wp);
 #else
     (void) dst, (void) ith, (void) nth, (void) userdata;
 #endif

@@ -21,6 +21,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Graph, Tensor
 
+from .. import kernels
 from ..utils.checks import as_generator, floats, ids
 from .arch_util import AttentionBlock, Conv1d, Embedding, LayerNorm, Linear, ModuleWeights
 from .base import Model
@@ -253,9 +254,14 @@ class UnifiedVoice(Model):
     component = "autoregressive"
 
     def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
-                 kv_cache_type: str = "f32"):
+                 kv_cache_type: str = "f32", fused: bool | None = None):
+        """``fused``: the GPT's Q8_0 products in tortoise-ggml's CPU kernel (kernels.q8_matmul); None (default)
+        wherever it can run, False never, True insists."""
         super().__init__(model_file, backend, component)
         cfg, w = self.config, self.weights
+        self.fused = kernels.choose(fused, kernels.usable(self.backend), f"tortoise-ggml's CPU kernels cannot run on "
+                                    f"the {self.backend.kind} backend (kernels "
+                                    f"{'built' if kernels.available() else 'missing'})")
         self.number_text_tokens = cfg.number_text_tokens
         self.start_text_token, self.stop_text_token = cfg.start_text_token, cfg.stop_text_token
         self.number_mel_codes = cfg.number_mel_codes
@@ -270,7 +276,7 @@ class UnifiedVoice(Model):
                                                         cfg.conditioning_num_attn_heads)
         self.text_embedding = Embedding(w.sub("text_embedding"), cfg.text_vocab, d)
         self.mel_embedding = Embedding(w.sub("mel_embedding"), cfg.number_mel_codes, d)
-        self.gpt = GPT2Model(w.sub("gpt"), self.layers, d, self.heads, eps)
+        self.gpt = GPT2Model(w.sub("gpt"), self.layers, d, self.heads, eps, self.fused)
         self.mel_pos_embedding = LearnedPositionEmbeddings(
             w.sub("mel_pos_embedding"), cfg.max_mel_tokens + 2 + cfg.max_conditioning_inputs, d)
         self.text_pos_embedding = LearnedPositionEmbeddings(w.sub("text_pos_embedding"), cfg.max_text_tokens + 2, d)

@@ -22,12 +22,12 @@ def Conv1D(w: ModuleWeights, nx: int, nf: int) -> Linear:
 
 
 class GPT2Attention:
-    def __init__(self, w: ModuleWeights, n_embd: int, n_head: int):
+    def __init__(self, w: ModuleWeights, n_embd: int, n_head: int, fused: bool = False):
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
         self.c_attn = Conv1D(w.sub("c_attn"), n_embd, 3 * n_embd)
         self.c_proj = Conv1D(w.sub("c_proj"), n_embd, n_embd)
-        self.n_embd, self.n_head = n_embd, n_head
+        self.n_embd, self.n_head, self.fused = n_embd, n_head, fused
         self.head_dim = n_embd // n_head
 
     def _split(self, ctx: Context, qkv: Tensor, which: int, heads: bool) -> Tensor:
@@ -44,7 +44,7 @@ class GPT2Attention:
         """Causal self-attention. ``mask``: F16 ne (T_kv, T) of 0 / -inf. With ``layer_past`` the new keys and
         values are written to the cache; queries attend to the whole cache when ``layer_past.attend_cache``
         (decode), else to this call's keys and values (prefill)."""
-        qkv = self.c_attn.forward(ctx, hidden_states)
+        qkv = self.c_attn.forward(ctx, hidden_states, self.fused)
         query = self._split(ctx, qkv, 0, heads=True)
         key = self._split(ctx, qkv, 1, heads=True)
         value = self._split(ctx, qkv, 2, heads=True)
@@ -55,29 +55,31 @@ class GPT2Attention:
                 key, value = k_all, v_all
                 if layer_past.fused:  # one query per row: tortoise-ggml's CPU kernel reads the cache in order
                     out = kernels.attend_cache(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
-                    return self.c_proj.forward(ctx, ctx.reshape(out, self.n_embd, 1, out.ne[3]))
+                    return self.c_proj.forward(ctx, ctx.reshape(out, self.n_embd, 1, out.ne[3]), self.fused)
             else:
                 layer_past.writes += [k_all, v_all]
         attn_output = layers.attention(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
-        return self.c_proj.forward(ctx, attn_output)
+        return self.c_proj.forward(ctx, attn_output, self.fused)
 
 
 class GPT2MLP:
-    def __init__(self, w: ModuleWeights, n_embd: int, intermediate_size: int):
+    def __init__(self, w: ModuleWeights, n_embd: int, intermediate_size: int, fused: bool = False):
         self.c_fc = Conv1D(w.sub("c_fc"), n_embd, intermediate_size)
         self.c_proj = Conv1D(w.sub("c_proj"), intermediate_size, n_embd)
+        self.fused = fused
 
     def forward(self, ctx: Context, hidden_states: Tensor) -> Tensor:
         # GPT-2's gelu_new is ggml_gelu: this project's ggml computes it exactly (vendor/ggml/patches/0002)
-        return self.c_proj.forward(ctx, ctx.gelu(self.c_fc.forward(ctx, hidden_states)))
+        h = ctx.gelu(self.c_fc.forward(ctx, hidden_states, self.fused))
+        return self.c_proj.forward(ctx, h, self.fused)
 
 
 class GPT2Block:
-    def __init__(self, w: ModuleWeights, n_embd: int, n_head: int, eps: float):
+    def __init__(self, w: ModuleWeights, n_embd: int, n_head: int, eps: float, fused: bool = False):
         self.ln_1 = LayerNorm(w.sub("ln_1"), n_embd, eps)
-        self.attn = GPT2Attention(w.sub("attn"), n_embd, n_head)
+        self.attn = GPT2Attention(w.sub("attn"), n_embd, n_head, fused)
         self.ln_2 = LayerNorm(w.sub("ln_2"), n_embd, eps)
-        self.mlp = GPT2MLP(w.sub("mlp"), n_embd, 4 * n_embd)
+        self.mlp = GPT2MLP(w.sub("mlp"), n_embd, 4 * n_embd, fused)
 
     def forward(self, ctx: Context, hidden_states: Tensor, mask: Tensor, layer_past: "LayerPast | None" = None
                 ) -> Tensor:
@@ -99,9 +101,11 @@ class LayerPast:
 
 
 class GPT2Model:
-    def __init__(self, w: ModuleWeights, n_layer: int, n_embd: int, n_head: int, layer_norm_epsilon: float):
+    def __init__(self, w: ModuleWeights, n_layer: int, n_embd: int, n_head: int, layer_norm_epsilon: float,
+                 fused: bool = False):
+        """``fused``: Q8_0 products in tortoise-ggml's CPU kernel (kernels.q8_matmul) where the weight fits."""
         self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
-        self.h = [GPT2Block(w.sub(f"h.{i}"), n_embd, n_head, layer_norm_epsilon) for i in range(n_layer)]
+        self.h = [GPT2Block(w.sub(f"h.{i}"), n_embd, n_head, layer_norm_epsilon, fused) for i in range(n_layer)]
         self.ln_f = LayerNorm(w.sub("ln_f"), n_embd, layer_norm_epsilon)
 
     def blocks(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor, cache: KVCache | None = None,
