@@ -77,6 +77,12 @@ def choose(fused: bool | None, can_run: bool, refusal: str) -> bool:
     return can_run if fused is None else bool(fused)
 
 
+def choose_for(fused: bool | None, backend) -> bool:
+    """``choose`` for a model whose kernels need only a CPU backend and the library."""
+    return choose(fused, usable(backend), f"tortoise-ggml's CPU kernels cannot run on the {backend.kind} backend "
+                                          f"(kernels {'built' if available() else 'missing'})")
+
+
 def attend_cache_fits(head_dim: int, heads: int) -> bool:
     """Whether ``attend_cache`` takes heads of this size and number (its per-thread scratch has room for 16
     vectors per head and 64 heads)."""
@@ -292,6 +298,6 @@ def group_norm(ctx: Context, x: Tensor, gamma: Tensor, beta: Tensor, groups: int
                                          eps=float(eps)))
 
 
-__all__ = ["available", "usable", "vector_width", "choose", "attend_cache_fits", "conv1d", "lvc_gated", "attend_cache",
-           "relpos_softmax", "im2col", "q8_matmul_fits", "f32_matmul_fits", "f32_matmul", "q8_pack", "q8_matmul",
-           "group_norm"]
+__all__ = ["available", "usable", "vector_width", "choose", "choose_for", "attend_cache_fits", "conv1d", "lvc_gated",
+           "attend_cache", "relpos_softmax", "im2col", "q8_matmul_fits", "f32_matmul_fits", "f32_matmul", "q8_pack",
+           "q8_matmul", "group_norm"]

@@ -66,11 +66,6 @@ def normalization(channels: int) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # torch.nn
 # ------------------------------------------------------------------------------------------------------------------
-# measured at the AR's full size (2 threads, AVX-512 VNNI): a decode step of batch 1 takes 15 ms with ggml's dot
-# products and 37 ms with q8_matmul, batch 2 ties (39 ms), batch 4 is 54 vs 34 ms and batch 16 86-146 vs 55 ms
-Q8_MIN_COLUMNS = 3
-
-
 class Linear:
     """nn.Linear on sequence data ne (in, T, B) (or vectors ne (in, B)) -> ne (out, ...)."""
 
@@ -80,14 +75,8 @@ class Linear:
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, ctx: Context, x: Tensor, fused: bool = False) -> Tensor:
-        """``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs as kernels.q8_matmul for products of
-        Q8_MIN_COLUMNS positions and more (fewer, as a batch-1 decode step, read each weight once in ggml's dot
-        products, while q8_matmul repacks it first)."""
-        if (fused and kernels.q8_matmul_fits(self.weight) and x.type.name == "F32" and x.ne[3] == 1
-                and x.ne[1] * x.ne[2] >= Q8_MIN_COLUMNS):
-            x = x if x.is_contiguous else ctx.cont(x)
-            return kernels.q8_matmul(ctx, self.weight, kernels.q8_pack(ctx, x), self.in_features, self.bias)
-        return layers.linear(ctx, x, self.weight, self.bias)
+        """``fused``: Q8_0 products in tortoise-ggml's CPU kernel (layers.linear)."""
+        return layers.linear(ctx, x, self.weight, self.bias, fused)
 
 
 class Conv1d:

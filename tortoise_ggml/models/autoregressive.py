@@ -259,9 +259,7 @@ class UnifiedVoice(Model):
         wherever it can run, False never, True insists."""
         super().__init__(model_file, backend, component)
         cfg, w = self.config, self.weights
-        self.fused = kernels.choose(fused, kernels.usable(self.backend), f"tortoise-ggml's CPU kernels cannot run on "
-                                    f"the {self.backend.kind} backend (kernels "
-                                    f"{'built' if kernels.available() else 'missing'})")
+        self.fused = kernels.choose_for(fused, self.backend)
         self.number_text_tokens = cfg.number_text_tokens
         self.start_text_token, self.stop_text_token = cfg.start_text_token, cfg.stop_text_token
         self.number_mel_codes = cfg.number_mel_codes

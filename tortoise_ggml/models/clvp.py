@@ -21,6 +21,7 @@ import numpy as np
 import pyggml as pg
 from pyggml import Context, Tensor
 
+from .. import kernels
 from ..utils.checks import ids, positive_int
 from .arch_util import Embedding, Linear, ModuleWeights
 from .base import Model
@@ -41,8 +42,9 @@ class CheckpointedXTransformerEncoder:
     """tortoise/models/arch_util.py's wrapper: ContinuousTransformerWrapper at ``.transformer``, each layer's block
     wrapped in a weightless CheckpointedLayer (the ``.wrap`` in the keys); CLVP builds it without permutes."""
 
-    def __init__(self, w: ModuleWeights, dim: int, depth: int, heads: int, config):
-        self.transformer = encoder_from_config(w.sub("transformer"), dim, depth, heads, config, wrap=".wrap")
+    def __init__(self, w: ModuleWeights, dim: int, depth: int, heads: int, config, fused: bool = False):
+        self.transformer = encoder_from_config(w.sub("transformer"), dim, depth, heads, config, wrap=".wrap",
+                                               fused=fused)
 
     def forward(self, ctx: Context, x: Tensor, positions: Tensor) -> Tensor:
         return self.transformer.forward(ctx, x, positions)
@@ -51,15 +53,18 @@ class CheckpointedXTransformerEncoder:
 class CLVP(Model):
     """``CLVP(model_file, backend=None, max_batch=16)``; ``forward(text, speech_tokens)`` -> scores (N,).
 
-    ``backend`` defaults to the model file's; the weights must live where it can read them."""
+    ``backend`` defaults to the model file's; the weights must live where it can read them. ``fused``: the
+    transformers' Q8_0 products in tortoise-ggml's CPU kernel (kernels.q8_matmul); None (default) wherever it can
+    run, False never, True insists."""
 
     component = "clvp"
 
     def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
-                 max_batch: int = 16):
+                 max_batch: int = 16, fused: bool | None = None):
         self.max_batch = positive_int(max_batch, "max_batch")  # candidates per graph
         super().__init__(model_file, backend, component)
         cfg, w = self.config, self.weights
+        self.fused = kernels.choose_for(fused, self.backend)
         self.num_text_tokens, self.num_speech_tokens = cfg.num_text_tokens, cfg.num_speech_tokens
         self.dim_latent = cfg.dim_latent
         self.text_emb = Embedding(w.sub("text_emb"), cfg.num_text_tokens, cfg.dim_text)
@@ -67,9 +72,9 @@ class CLVP(Model):
         self.speech_emb = Embedding(w.sub("speech_emb"), cfg.num_speech_tokens, cfg.dim_speech)
         self.to_speech_latent = Linear(w.sub("to_speech_latent"), cfg.dim_speech, cfg.dim_latent, bias=False)
         self.text_transformer = CheckpointedXTransformerEncoder(
-            w.sub("text_transformer"), cfg.dim_text, cfg.text_enc_depth, cfg.text_heads, cfg)
+            w.sub("text_transformer"), cfg.dim_text, cfg.text_enc_depth, cfg.text_heads, cfg, self.fused)
         self.speech_transformer = CheckpointedXTransformerEncoder(
-            w.sub("speech_transformer"), cfg.dim_speech, cfg.speech_enc_depth, cfg.speech_heads, cfg)
+            w.sub("speech_transformer"), cfg.dim_speech, cfg.speech_enc_depth, cfg.speech_heads, cfg, self.fused)
         self.temperature = w("temperature", (1,))
 
     # -- the graph ------------------------------------------------------------------------------------------------

@@ -172,24 +172,26 @@ class Residual:
 class GLU:
     """``x, gate = proj(x).chunk(2); x * gelu(gate)`` with torch's exact (erf) GELU."""
 
-    def __init__(self, w: ModuleWeights, dim_in: int, dim_out: int):
+    def __init__(self, w: ModuleWeights, dim_in: int, dim_out: int, fused: bool = False):
         self.weight = w("weight", (dim_out * 2, dim_in))
         self.bias = w("bias", (dim_out * 2,))
+        self.fused = fused
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
-        return ctx.geglu_erf(layers.linear(ctx, x, self.weight, self.bias), swapped=True)
+        return ctx.geglu_erf(layers.linear(ctx, x, self.weight, self.bias, self.fused), swapped=True)
 
 
 class FeedForward:
     """net = Sequential(GLU(dim, inner_dim), Identity, Dropout, Linear(inner_dim, dim)): keys net.0 and net.3."""
 
-    def __init__(self, w: ModuleWeights, dim: int, mult: int):
+    def __init__(self, w: ModuleWeights, dim: int, mult: int, fused: bool = False):
         inner_dim = int(dim * mult)
-        self.project_in = GLU(w.sub("net.0.proj"), dim, inner_dim)
+        self.project_in = GLU(w.sub("net.0.proj"), dim, inner_dim, fused)
         self.project_out = Linear(w.sub("net.3"), inner_dim, dim)
+        self.fused = fused
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
-        return self.project_out.forward(ctx, self.project_in.forward(ctx, x))
+        return self.project_out.forward(ctx, self.project_in.forward(ctx, x), self.fused)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -198,9 +200,10 @@ class FeedForward:
 class Attention:
     """Self-attention without masks (an encoder with the reference's all-true eval mask), rotary on q, k and v."""
 
-    def __init__(self, w: ModuleWeights, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8):
+    def __init__(self, w: ModuleWeights, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8,
+                 fused: bool = False):
         self.scale = dim_head ** -0.5
-        self.heads, self.dim_head = heads, dim_head
+        self.heads, self.dim_head, self.fused = heads, dim_head, fused
         inner = dim_head * heads
         self.to_q = Linear(w.sub("to_q"), dim, inner, bias=False)
         self.to_k = Linear(w.sub("to_k"), dim, inner, bias=False)
@@ -212,14 +215,14 @@ class Attention:
 
         def heads(proj: Linear) -> Tensor:
             # 'b n (h d) -> b h n d', kept as ne (d, h, n, b) here: the rope op wants positions on ne[2]
-            return ctx.reshape(proj.forward(ctx, x), self.dim_head, self.heads, t, b)
+            return ctx.reshape(proj.forward(ctx, x, self.fused), self.dim_head, self.heads, t, b)
 
         q, k, v = heads(self.to_q), heads(self.to_k), heads(self.to_v)
         if rotary_pos_emb is not None:
             q, k, v = (apply_rotary_pos_emb(ctx, u, rotary_pos_emb) for u in (q, k, v))
         q, k, v = (ctx.permute(u, 0, 2, 1, 3) for u in (q, k, v))   # ne (d, n, h, b)
         out = layers.attention(ctx, q, k, v, None, self.scale)       # 'b h n d -> b n (h d)': ne (h*d, n, b)
-        return self.to_out.forward(ctx, out)
+        return self.to_out.forward(ctx, out, self.fused)
 
 
 class AttentionLayers:
@@ -228,7 +231,7 @@ class AttentionLayers:
     layers.{i}.1{wrap}.* (the block; ``wrap`` is ".wrap" where CLVP's CheckpointedLayer wraps it)."""
 
     def __init__(self, w: ModuleWeights, dim: int, depth: int, heads: int, dim_head: int = DEFAULT_DIM_HEAD,
-                 ff_mult: int = 4, rotary_emb_dim: int | None = None, wrap: str = ""):
+                 ff_mult: int = 4, rotary_emb_dim: int | None = None, wrap: str = "", fused: bool = False):
         self.dim, self.depth = dim, depth
         self.layer_types = ("a", "f") * depth
         rotary_emb_dim = max(rotary_emb_dim if rotary_emb_dim is not None else dim_head // 2, 32)
@@ -240,9 +243,9 @@ class AttentionLayers:
         for ind, layer_type in enumerate(self.layer_types):
             lw = w.sub(f"layers.{ind}")
             if layer_type == "a":
-                layer = Attention(lw.sub(f"1{wrap}"), dim, dim_head=dim_head, heads=heads)
+                layer = Attention(lw.sub(f"1{wrap}"), dim, dim_head=dim_head, heads=heads, fused=fused)
             else:
-                layer = FeedForward(lw.sub(f"1{wrap}"), dim, mult=ff_mult)
+                layer = FeedForward(lw.sub(f"1{wrap}"), dim, mult=ff_mult, fused=fused)
             self.layers.append((RMSNorm(lw.sub("0.0"), dim), layer, Residual()))
 
     def forward(self, ctx: Context, x: Tensor, positions: Tensor) -> Tensor:
@@ -275,12 +278,13 @@ class ContinuousTransformerWrapper:
         return self.norm.forward(ctx, x)
 
 
-def encoder_from_config(w: ModuleWeights, dim: int, depth: int, heads: int, config, wrap: str = ""
-                        ) -> ContinuousTransformerWrapper:
+def encoder_from_config(w: ModuleWeights, dim: int, depth: int, heads: int, config, wrap: str = "",
+                        fused: bool = False) -> ContinuousTransformerWrapper:
     """A ContinuousTransformerWrapper(Encoder(...)) under ``w`` (the wrapper's prefix), with dim_head, ff_mult and
-    rotary_emb_dim from the component's config (CLVP's or CVVP's)."""
+    rotary_emb_dim from the component's config (CLVP's or CVVP's). ``fused``: Q8_0 products in tortoise-ggml's
+    CPU kernel."""
     attn = Encoder(w.sub("attn_layers"), dim, depth, heads, dim_head=config.dim_head, ff_mult=config.ff_mult,
-                   rotary_emb_dim=config.rotary_emb_dim, wrap=wrap)
+                   rotary_emb_dim=config.rotary_emb_dim, wrap=wrap, fused=fused)
     return ContinuousTransformerWrapper(w, attn)
 
 
