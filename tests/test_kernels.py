@@ -123,10 +123,13 @@ def test_usable_only_on_cpu_and_whole_vectors():
     assert not kernels.usable(Cuda(), VW)
 
 
-@pytest.mark.parametrize("rows,heads,d,n", [(1, 16, 64, 40), (3, 4, 32, 17), (16, 2, 64, 5)])
-def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n):
+@pytest.mark.parametrize("rows,heads,d,n,shared", [(1, 16, 64, 40, 0), (3, 4, 32, 17, 0), (16, 2, 64, 5, 0),
+                                                   (3, 4, 32, 17, 9), (16, 2, 64, 30, 30), (2, 16, 64, 40, 1)])
+def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n, shared):
     """One query per row and head over a cache view (heads side by side per position, as KVCache lays them out),
-    positions masked out anywhere (not only past the end), more threads than rows (head groups)."""
+    positions masked out anywhere (not only past the end), more threads than rows (head groups). With ``shared``
+    the first positions are read from row 0 for every row: the other rows hold garbage there, which must not
+    count."""
     if d % VW:
         pytest.skip(f"head size {d}: not a multiple of the vector width {VW}")
     rng = np.random.default_rng(rows + n)
@@ -142,10 +145,18 @@ def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n):
     kt, vt = (ctx.new_tensor("f32", (e, cap, rows)).set_input() for _ in range(2))
     qt = ctx.new_tensor("f32", (d, 1, heads, rows)).set_input()
     mt = ctx.new_tensor("f16", (cap, 1)).set_input()
+    st = ctx.new_tensor("i32", (1,)).set_input()
     def view(t):
         return ctx.view(t, (d, cap, heads, rows), (e * 4, d * 4, e * cap * 4))
-    y = kernels.attend_cache(ctx, qt, view(kt), view(vt), mt, 0.125)
-    cpu.compute(pg.Graph(ctx, y), {kt: kc, vt: vc, qt: q, mt: mask})
+    y = kernels.attend_cache(ctx, qt, view(kt), view(vt), mt, 0.125, st if shared else None)
+    given_k, given_v = kc.copy(), vc.copy()
+    if shared:
+        kc[1:, :shared], vc[1:, :shared] = kc[:1, :shared], vc[:1, :shared]   # what the rows mean
+        given_k[1:, :shared], given_v[1:, :shared] = np.nan, np.nan           # what they hold
+    feed = {kt: given_k, vt: given_v, qt: q, mt: mask}
+    if shared:
+        feed[st] = np.array([shared], np.int32)
+    cpu.compute(pg.Graph(ctx, y), feed)
     got = y.get().reshape(rows, heads, d)
     k4 = kc.reshape(rows, cap, heads, d).transpose(0, 2, 1, 3)            # (rows, heads, cap, d)
     v4 = vc.reshape(rows, cap, heads, d).transpose(0, 2, 1, 3)

@@ -154,10 +154,13 @@ def lvc_gated(ctx: Context, x: Tensor, kernel: Tensor, bias: Tensor, residual: T
                       userdata=_conv_params(taps, 1, (taps - 1) // 2, hop))
 
 
-def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                 shared: Tensor | None = None) -> Tensor:
     """One decode step's attention: softmax(scale q.k + mask) v for q ne (D, 1, H, R) over the cached keys and
     values k, v ne (D, N, H, R) (F32 views of a KV cache; rows of D floats contiguous), mask F16 ne (N, 1) shared
-    by all rows and heads (0 to attend, -inf to skip). Returns ne (D, H, 1, R), as ggml_flash_attn_ext."""
+    by all rows and heads (0 to attend, -inf to skip). Returns ne (D, H, 1, R), as ggml_flash_attn_ext.
+    ``shared``: I32 ne (1,), the count of leading positions whose keys and values are the same in every row (a
+    prompt broadcast to all samples): those are read from row 0 only."""
     d, tq, h, r = q.ne
     w = vector_width()
     if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or not attend_cache_fits(d, h):
@@ -169,7 +172,9 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
     if k.ne[1] != v.ne[1] or mask.type.name != "F16" or mask.ne != (k.ne[1], 1, 1, 1) or not mask.is_contiguous:
         raise ShapeError(f"attend_cache: mask must be F16 ne ({k.ne[1]}, 1) for keys {k!r} and values {v!r}, "
                          f"got {mask!r}")
-    return ctx.custom(_fn("tg_attend_cache"), [q, k, v, mask], (d, h, 1, r),
+    if shared is not None and (shared.type.name != "I32" or shared.ne != (1, 1, 1, 1)):
+        raise ShapeError(f"attend_cache: shared must be I32 ne (1,), got {shared!r}")
+    return ctx.custom(_fn("tg_attend_cache"), [q, k, v, mask] + ([shared] if shared is not None else []), (d, h, 1, r),
                       userdata=_userdata("tg_attend_params", scale=float(scale)))
 
 

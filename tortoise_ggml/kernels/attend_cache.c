@@ -8,6 +8,9 @@
 //   q    ne (D, 1, H, R)  F32, D a multiple of the vector width, rows of D floats contiguous
 //   k, v ne (D, N, H, R)  F32 (views of the cache: any strides, rows of D floats contiguous)
 //   mask ne (N, 1)        F16, 0 for the positions to attend to, -inf for the others (shared by rows and heads)
+//   shared ne (1,)        I32 (optional): the first ``shared`` positions hold the same keys and values in every row
+//                         (the prompt every sample starts from) and are read from row 0, so a batch-16 step reads
+//                         them from memory once rather than 16 times
 //   dst  ne (D, H, 1, R)  F32: softmax(scale * q.k + mask) . v, heads side by side per row, as flash attention
 #include <math.h>
 #include <stddef.h>
@@ -46,6 +49,7 @@ void tg_attend_cache(struct ggml_tensor * dst, int ith, int nth, void * userdata
     const struct ggml_tensor * k = dst->src[1];
     const struct ggml_tensor * v = dst->src[2];
     const struct ggml_tensor * mask = dst->src[3];
+    const int64_t shared = dst->src[4] ? *(const int32_t *) dst->src[4]->data : 0;
     const int d = (int) q->ne[0], heads = (int) q->ne[2], rows = (int) q->ne[3];
     const int64_t n = k->ne[1];
     const int dv = d / VW;
@@ -95,8 +99,9 @@ void tg_attend_cache(struct ggml_tensor * dst, int ith, int nth, void * userdata
         }
         // scores
         const char * kb = (const char *) k->data + r * k->nb[3] + h0 * k->nb[2];
+        const char * kb0 = (const char *) k->data + h0 * k->nb[2];
         for (int64_t c = 0; c < count; c++) {
-            const char * kp = kb + pos[c] * k->nb[1];
+            const char * kp = (pos[c] < shared ? kb0 : kb) + pos[c] * k->nb[1];
             for (int h = 0; h < nh; h++) {
                 const float * kh = (const float *) (kp + h * k->nb[2]);
                 const float * qh = qs + h * d;
@@ -128,8 +133,9 @@ void tg_attend_cache(struct ggml_tensor * dst, int ith, int nth, void * userdata
         }
         // weighted values
         const char * vb = (const char *) v->data + r * v->nb[3] + h0 * v->nb[2];
+        const char * vb0 = (const char *) v->data + h0 * v->nb[2];
         for (int64_t c = 0; c < count; c++) {
-            const char * vp = vb + pos[c] * v->nb[1];
+            const char * vp = (pos[c] < shared ? vb0 : vb) + pos[c] * v->nb[1];
             for (int h = 0; h < nh; h++) {
                 const float * vh = (const float *) (vp + h * v->nb[2]);
                 const vf w = vsplat(s[h * n + c]);

@@ -213,11 +213,14 @@ class _DecodeStep:
         self.position = ctx.new_tensor("i32", (1, 1)).set_input()
         self.slot = ctx.new_tensor("i32", (1,)).set_input()
         self.mask = ctx.new_tensor("f16", (cache.capacity, 1)).set_input()
+        # the prefix is prefilled once and broadcast to every row (KVCache.store): the fused kernel reads it once
+        self.shared = ctx.new_tensor("i32", (1,)).set_input()
         tok = model.embeddings.forward(ctx, self.tokens)                           # ne (d, N, 1)
         emb = ctx.add(ctx.reshape(tok, tok.ne[0], 1, cache.n_rows),
                       model.text_pos_embedding.emb.forward(ctx, self.position))
         self.fused = model.fused_attention and gpt.fused_attention_usable(model.backend, cache)
-        hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True, fused=self.fused)
+        hidden = gpt.blocks(ctx, emb, self.mask, cache, self.slot, attend_cache=True, fused=self.fused,
+                            shared=self.shared if self.fused else None)
         self.latent = model._latent(ctx, hidden).set_output()                     # ne (d, 1, N)
         self.logits = model.lm_head.forward(ctx, self.latent)                      # ne (vocab, 1, N)
         self.graph = Graph(ctx, self.logits, self.latent)
@@ -230,6 +233,7 @@ class _DecodeStep:
         self.mask_host[:] = -np.inf
         self.mask_host[0, :prefix] = 0
         self.next_slot, self.next_position, self.end = prefix, first_position, end
+        self.prefix = prefix
 
     def __call__(self, next_tokens) -> np.ndarray:
         tokens = ids(next_tokens, "next_tokens", self.vocab, ndim=1)
@@ -240,6 +244,8 @@ class _DecodeStep:
         self.mask_host[0, self.next_slot] = 0
         feed = {self.tokens: tokens.reshape(1, -1), self.position: np.array([[self.next_position]], np.int32),
                 self.slot: np.array([self.next_slot], np.int32), self.mask: self.mask_host}
+        if self.fused:
+            feed[self.shared] = np.array([self.prefix], np.int32)
         # the first step checks the graph against the backend; later steps run the same graph
         self.model.backend.compute(self.graph, feed, allocator=self.allocator, check=not self.checked)
         self.checked = True

@@ -54,7 +54,8 @@ class GPT2Attention:
             if layer_past.attend_cache:
                 key, value = k_all, v_all
                 if layer_past.fused:  # one query per row: tortoise-ggml's CPU kernel reads the cache in order
-                    out = kernels.attend_cache(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim))
+                    out = kernels.attend_cache(ctx, query, key, value, mask, 1.0 / math.sqrt(self.head_dim),
+                                               layer_past.shared)
                     return self.c_proj.forward(ctx, ctx.reshape(out, self.n_embd, 1, out.ne[3]), self.fused)
             else:
                 layer_past.writes += [k_all, v_all]
@@ -95,9 +96,10 @@ class LayerPast:
     can make them graph outputs)."""
 
     def __init__(self, cache: KVCache, layer: int, slots: Tensor, attend_cache: bool, writes: list,
-                 fused: bool = False):
+                 fused: bool = False, shared: Tensor | None = None):
         self.cache, self.layer, self.slots, self.attend_cache, self.writes = cache, layer, slots, attend_cache, writes
         self.fused = fused  # attend with tortoise_ggml.kernels.attend_cache (the caller checked it can run)
+        self.shared = shared  # I32 (1,): leading positions every row holds alike (kernels.attend_cache)
 
 
 class GPT2Model:
@@ -110,14 +112,14 @@ class GPT2Model:
 
     def blocks(self, ctx: Context, inputs_embeds: Tensor, mask: Tensor, cache: KVCache | None = None,
                slots: Tensor | None = None, attend_cache: bool = False, writes: list | None = None,
-               fused: bool = False) -> Tensor:
+               fused: bool = False, shared: Tensor | None = None) -> Tensor:
         """The transformer stack before ln_f (callers that need only some positions apply ln_f to those).
         ``fused``: decode attention with tortoise_ggml.kernels.attend_cache (see ``fused_attention_usable``)."""
         if inputs_embeds.ne[0] != self.n_embd:
             raise ValueError(f"inputs_embeds {inputs_embeds!r} must have ne[0] = n_embd = {self.n_embd}")
         hidden_states = inputs_embeds
         for i, block in enumerate(self.h):
-            past = None if cache is None else LayerPast(cache, i, slots, attend_cache, writes, fused)
+            past = None if cache is None else LayerPast(cache, i, slots, attend_cache, writes, fused, shared)
             hidden_states = block.forward(ctx, hidden_states, mask, past)
         return hidden_states
 

@@ -14,9 +14,9 @@ from pyggml import Context, ShapeError, Tensor
 
 from .. import kernels
 
-# measured at the AR's full size (2 threads, AVX-512 VNNI): a decode step of batch 1 takes 15 ms with ggml's dot
-# products and 37 ms with q8_matmul, batch 2 ties (39 ms), batch 4 is 54 vs 34 ms and batch 16 86-146 vs 55 ms
-Q8_MIN_COLUMNS = 3
+# measured at the AR's full size (2 threads, AVX-512 VNNI), a decode step with ggml's dot products vs q8_matmul:
+# batch 1 13 vs 37 ms, batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms
+Q8_MIN_COLUMNS = 2
 
 
 def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, fused: bool = False) -> Tensor:
