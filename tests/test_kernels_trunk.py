@@ -107,6 +107,31 @@ def test_f32_matmul_matches_numpy(cpu, m, k, t, bsz, bias, residual):
     np.testing.assert_allclose(y.get().reshape(bsz, t, m), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("k,m,n,heads,batch", [(64, 480, 470, 4, 2), (480, 64, 13, 3, 1), (16, 16, 1, 1, 2)])
+def test_f32_matmul_batched_matches_mul_mat(cpu, k, m, n, heads, batch):
+    """Attention's products (a weight per head and batch entry), as ggml's mul_mat computes them: tolerance 1e-5
+    relative to the largest output (other summation orders)."""
+    if not kernels._lib.tg_f32_matmul_available():
+        pytest.skip("f32_matmul needs AVX-512")
+    rng = np.random.default_rng(k + m + n)
+    w = rng.standard_normal((batch, heads, m, k)).astype(np.float32)
+    x = rng.standard_normal((batch, heads, n, k)).astype(np.float32)
+    ctx = pg.Context()
+    wt = ctx.new_tensor("f32", (k, m, heads, batch)).set_input()
+    xt = ctx.new_tensor("f32", (k, n, heads, batch)).set_input()
+    ours, theirs = kernels.f32_matmul(ctx, wt, xt), ctx.mul_mat(wt, xt)
+    assert ours.ne == theirs.ne
+    cpu.compute(pg.Graph(ctx, ours, theirs), {wt: w, xt: x})
+    want = np.einsum("bhmk,bhnk->bhnm", w.astype(np.float64), x)
+    got = ours.get().reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got, theirs.get().reshape(want.shape), rtol=0, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(pg.ShapeError, match="no bias or residual"):
+        kernels.f32_matmul(ctx, wt, xt, bias=ctx.new_tensor("f32", (m,)))
+    with pytest.raises(pg.ShapeError, match="columns must be"):
+        kernels.f32_matmul(ctx, wt, ctx.new_tensor("f32", (k, n, heads + 1, batch)))
+
+
 @q8
 def test_q8_pack_quantizes_as_ggml():
     """The packed columns hold quantize_row_q8_0's blocks: F16-rounded scales, nearest-even rounding, and the
@@ -177,7 +202,7 @@ def test_trunk_kernels_refuse_bad_shapes():
         kernels.q8_matmul(ctx, wq, x, 64)
     with pytest.raises(pg.ShapeError, match="residual must be"):
         kernels.q8_matmul(ctx, wq, kernels.q8_pack(ctx, x), 64, None, ctx.new_tensor("f32", (32, 4, 2)))
-    with pytest.raises(pg.ShapeError, match="contiguous F32 matrix"):
+    with pytest.raises(pg.ShapeError, match="weight must be contiguous F32"):
         kernels.f32_matmul(ctx, ctx.new_tensor("f32", (64, 24)), x)
     with pytest.raises(pg.ShapeError, match="columns must be contiguous F32"):
         kernels.f32_matmul(ctx, w, ctx.transpose(x))

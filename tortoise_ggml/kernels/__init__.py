@@ -223,10 +223,10 @@ def q8_matmul_fits(w: Tensor) -> bool:
 
 
 def f32_matmul_fits(w: Tensor) -> bool:
-    """Whether f32_matmul takes weight ``w`` (on a backend where ``usable`` holds): a contiguous F32 matrix with a
-    multiple of 16 rows, and the kernels built for AVX-512."""
+    """Whether f32_matmul takes weight ``w`` (on a backend where ``usable`` holds): contiguous F32 matrices (one, or
+    a batch over ne[2], ne[3]) with a multiple of 16 rows, and the kernels built for AVX-512."""
     return (_lib is not None and bool(_lib.tg_f32_matmul_available()) and w.type.name == "F32"
-            and w.ne[1] % 16 == 0 and w.ne[2] == 1 and w.ne[3] == 1 and w.is_contiguous)
+            and w.ne[1] % 16 == 0 and w.is_contiguous)
 
 
 def _epilogue(m: int, n: tuple, bias: Tensor | None, residual: Tensor | None, what: str) -> list:
@@ -241,15 +241,21 @@ def _epilogue(m: int, n: tuple, bias: Tensor | None, residual: Tensor | None, wh
 def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None,
                residual: Tensor | None = None) -> Tensor:
     """w @ cols (+ bias) (+ residual) for an F32 weight ne (K, M) and contiguous F32 columns ne (K, T, B) (time-major
-    data, or im2col's): F32 ne (M, T, B)."""
+    data, or im2col's): F32 ne (M, T, B). Or a batch, as mul_mat: weights ne (K, M, H, B) and columns
+    ne (K, N, H, B) -> ne (M, N, H, B) (no bias or residual)."""
     k, m = w.ne[0], w.ne[1]
-    if w.type.name != "F32" or m % 16 or not w.is_contiguous or w.ne[2] != 1 or w.ne[3] != 1:
-        raise ShapeError(f"f32_matmul: weight must be a contiguous F32 matrix ne (K, M), M a multiple of 16, "
+    batched = w.ne[2] * w.ne[3] > 1
+    if w.type.name != "F32" or m % 16 or not w.is_contiguous:
+        raise ShapeError(f"f32_matmul: weight must be contiguous F32 ne (K, M[, H, B]), M a multiple of 16, "
                          f"got {w!r}")
-    if cols.type.name != "F32" or cols.ne[0] != k or not cols.is_contiguous or cols.ne[3] != 1:
-        raise ShapeError(f"f32_matmul: columns must be contiguous F32 ne ({k}, T, B), got {cols!r}")
+    if (cols.type.name != "F32" or cols.ne[0] != k or not cols.is_contiguous
+            or (cols.ne[3] != 1 if not batched else cols.ne[2:] != w.ne[2:])):
+        want = f"({k}, N, {w.ne[2]}, {w.ne[3]})" if batched else f"({k}, T, B)"
+        raise ShapeError(f"f32_matmul: columns must be contiguous F32 ne {want}, got {cols!r}")
+    if batched and (bias is not None or residual is not None):
+        raise ShapeError("f32_matmul: a batch of products takes no bias or residual")
     args = [w, cols] + _epilogue(m, (cols.ne[1], cols.ne[2]), bias, residual, "f32_matmul")
-    return ctx.custom(_fn("tg_f32_matmul"), args, (m, cols.ne[1], cols.ne[2]),
+    return ctx.custom(_fn("tg_f32_matmul"), args, (m, *cols.ne[1:]),
                       userdata=_userdata("tg_q8_params", taps=1, bias=int(bias is not None),
                                          residual=int(residual is not None)))
 

@@ -23,7 +23,8 @@
 // tg_im2col:     dst F32 ne (C*taps, T, B) = the columns
 // tg_q8_pack:    dst I8 packed = the columns, quantized
 // tg_q8_matmul:  dst F32 ne (M, T, B) = weight @ columns (+ bias) (+ residual)
-// tg_f32_matmul: the same for an F32 weight ne (K, M) and F32 columns ne (K, T, B) (x itself, or tg_im2col's):
+// tg_f32_matmul: the same for an F32 weight ne (K, M) and F32 columns ne (K, T, B) (x itself, or tg_im2col's),
+//                or batched: weights ne (K, M, H, B) times columns ne (K, N, H, B) -> ne (M, N, H, B) (attention):
 //                the panel holds 32 rows per k, each column value is broadcast into 2 x 12 FMA accumulators, and
 //                the whole contraction stays in registers (tinyBLAS's 4x6 tiles reread both operands from L2
 //                once K passes ~1000, as the k3 convolutions' 3072 do)
@@ -346,25 +347,33 @@ void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) 
     const struct ggml_tensor * x = dst->src[1];
     const struct ggml_tensor * bt = p->bias ? dst->src[2] : NULL;
     const struct ggml_tensor * rt = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
-    const int64_t k = w->ne[0], m = w->ne[1], n = x->ne[1] * x->ne[2];
+    const int64_t k = w->ne[0], m = w->ne[1];
+    // one weight for all columns (T*B of them), or a batch of products (attention's heads): weight and columns
+    // indexed alike by ne[2], ne[3]
+    const int64_t batches = w->ne[2] * w->ne[3];
+    const int64_t n = batches > 1 ? x->ne[1] : x->ne[1] * x->ne[2] * x->ne[3];
     const size_t xs = x->nb[1] / sizeof(float), ldd = m;
     const int64_t n_tiles = (m + 31) / 32;
     float * wp = NULL;
-    for (int64_t rt_i = ith; rt_i < n_tiles; rt_i += nth) {
-        const int64_t r0 = rt_i * 32;
+    for (int64_t job = ith; job < batches * n_tiles; job += nth) {
+        const int64_t bi = job / n_tiles, b2 = bi % w->ne[2], b3 = bi / w->ne[2];
+        const int64_t r0 = (job % n_tiles) * 32;
         const int ni = r0 + 32 <= m ? 2 : 1;
+        const char * wb = (const char *) w->data + b2 * w->nb[2] + b3 * w->nb[3];
+        const float * xb = (const float *) ((const char *) x->data + (batches > 1 ? b2 * x->nb[2] + b3 * x->nb[3] : 0));
+        float * db = (float *) dst->data + bi * n * ldd;
         if (!wp) wp = aligned_alloc(64, (size_t) k * 32 * sizeof(float));
         // the panel: wp[kk*16*ni + 16*i + l] = w[r0 + 16*i + l][kk]
         for (int i = 0; i < 16 * ni; i++) {
-            const float * row = (const float *) ((const char *) w->data + (r0 + i) * w->nb[1]);
+            const float * row = (const float *) (wb + (r0 + i) * w->nb[1]);
             for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = row[kk];
         }
         const float * bias = bt ? (const float *) bt->data + r0 : NULL;
         for (int64_t c0 = 0; c0 < n; c0 += NRF) {
             const int nr = n - c0 < NRF ? (int) (n - c0) : NRF;
-            float * out = (float *) dst->data + c0 * ldd + r0;
+            float * out = db + c0 * ldd + r0;
             const float * res = rt ? (const float *) rt->data + c0 * ldd + r0 : NULL;
-            tiles_f32(ni, nr, wp, k, (const float *) x->data + c0 * xs, xs, out, ldd, bias, res);
+            tiles_f32(ni, nr, wp, k, xb + c0 * xs, xs, out, ldd, bias, res);
         }
     }
     free(wp);
