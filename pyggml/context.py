@@ -701,6 +701,24 @@ class Context:
                 self._deps.add(a.owner)
         return Tensor(lib.ggml_custom_4d(self._live(), int(t), *ne, srcs, len(args), fn, tasks, ud), self)
 
+    def custom2_inplace(self, fun, a: Tensor, b: Tensor, userdata=None, n_tasks: int | None = None) -> Tensor:
+        """ggml_map_custom2_inplace: ``a`` overwritten by the C function ``fun`` (a ``ggml_custom2_op_t``: ``void
+        fun(struct ggml_tensor * dst, const struct ggml_tensor * a, const struct ggml_tensor * b, int ith, int nth,
+        void * userdata)``, dst a view of a) once per thread, reading ``b``; returns that view. For an op that
+        writes each element only after reading it, so the graph needs no second buffer of a's size. ``userdata``
+        must outlive every compute of the graph. Other backends cannot compute custom ops."""
+        _t(a, "a"), _t(b, "b")
+        _require(a.is_contiguous, lambda: f"custom2_inplace: {a!r} must be contiguous")
+        fn = ffi.cast("ggml_custom2_op_t", fun)
+        _require(fn != ffi.NULL, "custom2_inplace: the C function is NULL")
+        ud = ffi.NULL if userdata is None else ffi.cast("void *", userdata)
+        tasks = -1 if n_tasks is None else int(n_tasks)
+        self._room(0)
+        for t in (a, b):
+            if t.owner is not self:
+                self._deps.add(t.owner)
+        return Tensor(lib.ggml_map_custom2_inplace(self._live(), a.ptr, b.ptr, fn, tasks, ud), self)
+
     # -- linear algebra ----------------------------------------------------------------------------------------
     def mul_mat(self, a: Tensor, b: Tensor, precise: bool = False) -> Tensor:
         """a @ b in ggml's convention: result ne = (a.ne[1], b.ne[1], b.ne[2], b.ne[3]), contracting ne[0].

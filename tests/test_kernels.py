@@ -170,9 +170,11 @@ def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n, shared):
         kernels.attend_cache(ctx, many, kv, kv, mt, 0.125)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["new", "inplace"])
 @pytest.mark.parametrize("n,pad,heads,batch", [(87, 9, 4, 2), (16, 0, 2, 1), (5, 11, 3, 1)])
-def test_relpos_softmax_matches_masked_softmax(cpu, n, pad, heads, batch):
-    """Softmax over n keys of scale * scores + table[j - i + n - 1, h], zeros for the padding keys after them."""
+def test_relpos_softmax_matches_masked_softmax(cpu, n, pad, heads, batch, inplace):
+    """Softmax over n keys of scale * scores + table[j - i + n - 1, h], zeros for the padding keys after them
+    (in place: the weights written over the scores)."""
     rng = np.random.default_rng(n)
     k = n + pad
     scores = rng.standard_normal((batch, heads, n, k)).astype(np.float32) * 3
@@ -180,7 +182,7 @@ def test_relpos_softmax_matches_masked_softmax(cpu, n, pad, heads, batch):
     ctx = pg.Context()
     st = ctx.new_tensor("f32", (k, n, heads, batch)).set_input()
     tt = ctx.new_tensor("f32", (2 * n - 1, heads)).set_input()
-    y = kernels.relpos_softmax(ctx, st, tt, n, 0.125)
+    y = kernels.relpos_softmax(ctx, st, tt, n, 0.125, inplace=inplace)
     cpu.compute(pg.Graph(ctx, y), {st: scores, tt: table})
     got = y.get().reshape(batch, heads, n, k)
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]

@@ -27,6 +27,7 @@ struct tg_attend_params { float scale; };
 void tg_attend_cache(void * dst, int ith, int nth, void * userdata);
 struct tg_relpos_params { float scale; int32_t n; };
 void tg_relpos_softmax(void * dst, int ith, int nth, void * userdata);
+void tg_relpos_softmax_inplace(void * dst, void * a, void * b, int ith, int nth, void * userdata);
 int tg_vector_width(void);
 struct tg_q8_params { int32_t taps; int32_t bias; int32_t residual; };
 void tg_im2col(void * dst, int ith, int nth, void * userdata);
@@ -104,8 +105,8 @@ def _conv_params(taps: int, dilation: int, pad: int, hop: int = 0, leaky_slope: 
                      leaky=leaky_slope is not None, slope=leaky_slope or 0.0)
 
 
-def _fn(name: str):
-    return ggml_ffi.cast("ggml_custom_op_t", int(_ffi.cast("uintptr_t", getattr(_lib, name))))
+def _fn(name: str, kind: str = "ggml_custom_op_t"):
+    return ggml_ffi.cast(kind, int(_ffi.cast("uintptr_t", getattr(_lib, name))))
 
 
 def _check_input(x: Tensor, c_in: int, what: str) -> None:
@@ -178,18 +179,22 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
                       userdata=_userdata("tg_attend_params", scale=float(scale)))
 
 
-def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: float) -> Tensor:
+def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: float, inplace: bool = False
+                   ) -> Tensor:
     """Attention weights softmax(scale * scores + relative position bias) over the first n keys, 0 for the keys
     after them (padding): scores F32 contiguous ne (K >= n keys, n queries, H, B); table F32 contiguous
     ne (2n-1, H), the bias of key j for query i being table[j - i + n - 1, h] (RelativePositionBias.per_distance).
-    The same as soft_max_ext with RelativePositionBias.forward's mask, without building the mask."""
+    The same as soft_max_ext with RelativePositionBias.forward's mask, without building the mask. ``inplace``: the
+    weights overwrite ``scores`` (which nothing else may read later), saving a buffer of their size."""
     nk, nq, h, _ = scores.ne
     if scores.type.name != "F32" or not scores.is_contiguous or nq != n or nk < n:
         raise ShapeError(f"relpos_softmax: scores must be contiguous F32 ne (K >= {n}, {n}, H, B), got {scores!r}")
     if table.type.name != "F32" or not table.is_contiguous or table.ne[:3] != (2 * n - 1, h, 1):
         raise ShapeError(f"relpos_softmax: table must be contiguous F32 ne ({2 * n - 1}, {h}), got {table!r}")
-    return ctx.custom(_fn("tg_relpos_softmax"), [scores, table], scores.ne,
-                      userdata=_userdata("tg_relpos_params", scale=float(scale), n=int(n)))
+    ud = _userdata("tg_relpos_params", scale=float(scale), n=int(n))
+    if inplace:  # the weights overwrite the scores
+        return ctx.custom2_inplace(_fn("tg_relpos_softmax_inplace", "ggml_custom2_op_t"), scores, table, ud)
+    return ctx.custom(_fn("tg_relpos_softmax"), [scores, table], scores.ne, userdata=ud)
 
 
 def _check_time_major(x: Tensor, what: str) -> None:

@@ -17,10 +17,9 @@ struct tg_relpos_params {
     int32_t n;
 };
 
-void tg_relpos_softmax(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const struct tg_relpos_params * p = (const struct tg_relpos_params *) userdata;
-    const struct ggml_tensor * scores = dst->src[0];
-    const struct ggml_tensor * table = dst->src[1];
+// each row's scores are read before its weights are written at the same places: dst may be scores itself
+static void relpos_softmax(const struct ggml_tensor * scores, const struct ggml_tensor * table,
+                           struct ggml_tensor * dst, int ith, int nth, const struct tg_relpos_params * p) {
     const int64_t nk = scores->ne[0], nq = scores->ne[1], heads = scores->ne[2];
     const int64_t n = p->n;
     const int64_t rows = nq * heads * scores->ne[3];
@@ -62,4 +61,14 @@ void tg_relpos_softmax(struct ggml_tensor * dst, int ith, int nth, void * userda
         }
         memset(y + n, 0, (size_t) (nk - n) * sizeof(float));
     }
+}
+
+void tg_relpos_softmax(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    relpos_softmax(dst->src[0], dst->src[1], dst, ith, nth, (const struct tg_relpos_params *) userdata);
+}
+
+// ggml_map_custom2_inplace's form: the weights overwrite the scores (a graph buffer of their size saved)
+void tg_relpos_softmax_inplace(struct ggml_tensor * dst, const struct ggml_tensor * scores,
+                               const struct ggml_tensor * table, int ith, int nth, void * userdata) {
+    relpos_softmax(scores, table, dst, ith, nth, (const struct tg_relpos_params *) userdata);
 }

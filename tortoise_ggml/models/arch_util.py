@@ -207,7 +207,7 @@ def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tenso
 
     scores = product(k, ctx.cont(q))                                           # ne (T_keys, T_q, H, B)
     if rel_table is not None:
-        weight = kernels.relpos_softmax(ctx, scores, rel_table, t, 1.0 / math.sqrt(ch))
+        weight = kernels.relpos_softmax(ctx, scores, rel_table, t, 1.0 / math.sqrt(ch), inplace=True)
     else:
         weight = ctx.soft_max_ext(scores, rel_pos, 1.0 / math.sqrt(ch))
     a = product(v_t, weight)                                                   # ne (ch, T_q, H, B)
