@@ -136,6 +136,19 @@ void tg_q8_pack(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// one output column of a tile (16*ni rows): + bias, + residual, stored
+static inline __attribute__((always_inline)) void store_column(const int ni, __m512 a0, __m512 a1, float * out,
+                                                                const float * bias, const float * res) {
+    for (int i = 0; i < ni; i++) {
+        __m512 v = i ? a1 : a0;
+        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * i));
+        if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + 16 * i));
+        _mm512_storeu_ps(out + 16 * i, v);
+    }
+}
+#endif
+
 #ifdef TG_Q8
 #define NR 6  // activation columns per tile: with 2 row groups, 12 integer + 12 float accumulators
 
@@ -228,14 +241,7 @@ static inline __attribute__((always_inline)) void tile(const int ni, const int n
             }
         }
     }
-    for (int j = 0; j < nr; j++) {
-        for (int i = 0; i < ni; i++) {
-            __m512 v = fa[i][j];
-            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * i));
-            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + j * ldd + 16 * i));
-            _mm512_storeu_ps(out + j * ldd + 16 * i, v);
-        }
-    }
+    for (int j = 0; j < nr; j++) store_column(ni, fa[0][j], fa[1][j], out + j * ldd, bias, res ? res + j * ldd : NULL);
 }
 
 #define TILE_CASE(NI, N) \
@@ -306,12 +312,7 @@ static inline __attribute__((always_inline)) void tile_f32(const int ni, const i
         }
     }
     for (int j = 0; j < nr; j++) {
-        for (int i = 0; i < ni; i++) {
-            __m512 v = acc[i][j];
-            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * i));
-            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + j * ldd + 16 * i));
-            _mm512_storeu_ps(out + j * ldd + 16 * i, v);
-        }
+        store_column(ni, acc[0][j], acc[1][j], out + j * ldd, bias, res ? res + j * ldd : NULL);
     }
 }
 
