@@ -173,7 +173,7 @@ def run_stages(path: str, rec: Recorder) -> None:
                    return_latent=True)
         for kv in ("f32", "f16"):
             from tortoise_ggml.models.autoregressive import UnifiedVoice
-            uv = UnifiedVoice(mf, be, kv_cache_type=kv)
+            uv = UnifiedVoice(mf, be, kv_cache_type=kv, fused=False)
             uv.inference_model.fused_attention = False
             stage(f"ar prefill + decode (kv {kv})")
             uv.compute_prefix(cond, text)

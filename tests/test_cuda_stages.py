@@ -142,8 +142,10 @@ class Side:
 
     def ar_with_cache(self, kv: str):
         """A UnifiedVoice with a ``kv`` KV cache on this side's file and backend."""
-        uv = self._UnifiedVoice(self.model_file, self.backend, kv_cache_type=kv)
-        if self.plain and self.backend.kind == "cpu":
+        plain_cpu = self.plain and self.backend.kind == "cpu"   # the plain ggml ops a GPU runs
+        uv = self._UnifiedVoice(self.model_file, self.backend, kv_cache_type=kv, **({"fused": False} if plain_cpu
+                                                                                   else {}))
+        if plain_cpu:
             uv.inference_model.fused_attention = False
         return uv
 
