@@ -89,20 +89,25 @@ def test_q8_matmul_matches_ggml(cpu, m, c, taps, t, bsz, bias, residual):
 
 @pytest.mark.parametrize("m,k,t,bsz", [(64, 64, 37, 2), (48, 300, 13, 1), (1024, 3072, 25, 1), (16, 16, 1, 1)])
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False)])
-def test_f32_matmul_matches_numpy(cpu, m, k, t, bsz, bias, residual):
-    """F32 both sides, other summation orders: tolerance 1e-5 relative to the largest output (measured ~1e-6)."""
+@pytest.mark.parametrize("wtype", ["f32", "f16"])
+def test_f32_matmul_matches_numpy(cpu, m, k, t, bsz, bias, residual, wtype):
+    """F32 both sides (an F16 weight is widened exactly: numpy gets the same rounded weights), other summation
+    orders: tolerance 1e-5 relative to the largest output (measured ~1e-6)."""
     if not kernels._lib.tg_f32_matmul_available():
         pytest.skip("f32_matmul needs AVX-512")
     rng = np.random.default_rng(m + k + t)
     w = (rng.standard_normal((m, k)) * 0.1).astype(np.float32)
+    if wtype == "f16":
+        w = w.astype(np.float16).astype(np.float32)
     x = rng.standard_normal((bsz, t, k)).astype(np.float32)
     b, r = rng.standard_normal(m).astype(np.float32), rng.standard_normal((bsz, t, m)).astype(np.float32)
     ctx = pg.Context()
-    wt = ctx.new_tensor("f32", (k, m)).set_input()
+    wt = ctx.new_tensor(wtype, (k, m)).set_input()
     xt = ctx.new_tensor("f32", (k, t, bsz)).set_input()
     bt, rt = ctx.new_tensor("f32", (m,)).set_input(), ctx.new_tensor("f32", (m, t, bsz)).set_input()
     y = kernels.f32_matmul(ctx, wt, xt, bt if bias else None, rt if residual else None)
-    cpu.compute(pg.Graph(ctx, y), {wt: w, xt: x, **({bt: b} if bias else {}), **({rt: r} if residual else {})})
+    feed = {wt: w.astype(np.float16) if wtype == "f16" else w, xt: x}
+    cpu.compute(pg.Graph(ctx, y), {**feed, **({bt: b} if bias else {}), **({rt: r} if residual else {})})
     want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0) + (r if residual else 0)
     np.testing.assert_allclose(y.get().reshape(bsz, t, m), want, rtol=0, atol=1e-5 * np.abs(want).max())
 

@@ -228,9 +228,9 @@ def q8_matmul_fits(w: Tensor) -> bool:
 
 
 def f32_matmul_fits(w: Tensor) -> bool:
-    """Whether f32_matmul takes weight ``w`` (on a backend where ``usable`` holds): contiguous F32 matrices (one, or
-    a batch over ne[2], ne[3]) with a multiple of 16 rows, and the kernels built for AVX-512."""
-    return (_lib is not None and bool(_lib.tg_f32_matmul_available()) and w.type.name == "F32"
+    """Whether f32_matmul takes weight ``w`` (on a backend where ``usable`` holds): contiguous F32 or F16 matrices
+    (one, or a batch over ne[2], ne[3]) with a multiple of 16 rows, and the kernels built for AVX-512."""
+    return (_lib is not None and bool(_lib.tg_f32_matmul_available()) and w.type.name in ("F32", "F16")
             and w.ne[1] % 16 == 0 and w.is_contiguous)
 
 
@@ -245,13 +245,13 @@ def _epilogue(m: int, n: tuple, bias: Tensor | None, residual: Tensor | None, wh
 
 def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None,
                residual: Tensor | None = None) -> Tensor:
-    """w @ cols (+ bias) (+ residual) for an F32 weight ne (K, M) and contiguous F32 columns ne (K, T, B) (time-major
-    data, or im2col's): F32 ne (M, T, B). Or a batch, as mul_mat: weights ne (K, M, H, B) and columns
-    ne (K, N, H, B) -> ne (M, N, H, B) (no bias or residual)."""
+    """w @ cols (+ bias) (+ residual) for an F32 or F16 weight ne (K, M) (F16 widened exactly; the products in F32)
+    and contiguous F32 columns ne (K, T, B) (time-major data, or im2col's): F32 ne (M, T, B). Or a batch, as
+    mul_mat: weights ne (K, M, H, B) and columns ne (K, N, H, B) -> ne (M, N, H, B) (no bias or residual)."""
     k, m = w.ne[0], w.ne[1]
     batched = w.ne[2] * w.ne[3] > 1
-    if w.type.name != "F32" or m % 16 or not w.is_contiguous:
-        raise ShapeError(f"f32_matmul: weight must be contiguous F32 ne (K, M[, H, B]), M a multiple of 16, "
+    if w.type.name not in ("F32", "F16") or m % 16 or not w.is_contiguous:
+        raise ShapeError(f"f32_matmul: weight must be contiguous F32 or F16 ne (K, M[, H, B]), M a multiple of 16, "
                          f"got {w!r}")
     if (cols.type.name != "F32" or cols.ne[0] != k or not cols.is_contiguous
             or (cols.ne[3] != 1 if not batched else cols.ne[2:] != w.ne[2:])):

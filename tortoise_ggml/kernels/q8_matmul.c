@@ -23,7 +23,7 @@
 // tg_im2col:     dst F32 ne (C*taps, T, B) = the columns
 // tg_q8_pack:    dst I8 packed = the columns, quantized
 // tg_q8_matmul:  dst F32 ne (M, T, B) = weight @ columns (+ bias) (+ residual)
-// tg_f32_matmul: the same for an F32 weight ne (K, M) and F32 columns ne (K, T, B) (x itself, or tg_im2col's),
+// tg_f32_matmul: the same for an F32 (or F16, widened while packing) weight ne (K, M) and F32 columns ne (K, T, B) (x itself, or tg_im2col's),
 //                or batched: weights ne (K, M, H, B) times columns ne (K, N, H, B) -> ne (M, N, H, B) (attention):
 //                the panel holds 32 rows per k, each column value is broadcast into 2 x 12 FMA accumulators, and
 //                the whole contraction stays in registers (tinyBLAS's 4x6 tiles reread both operands from L2
@@ -364,10 +364,15 @@ void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) 
         const float * xb = (const float *) ((const char *) x->data + (batches > 1 ? b2 * x->nb[2] + b3 * x->nb[3] : 0));
         float * db = (float *) dst->data + bi * n * ldd;
         if (!wp) wp = aligned_alloc(64, (size_t) k * 32 * sizeof(float));
-        // the panel: wp[kk*16*ni + 16*i + l] = w[r0 + 16*i + l][kk]
+        // the panel: wp[kk*16*ni + 16*i + l] = w[r0 + 16*i + l][kk] (F16 weights widened exactly to F32 here)
         for (int i = 0; i < 16 * ni; i++) {
-            const float * row = (const float *) (wb + (r0 + i) * w->nb[1]);
-            for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = row[kk];
+            if (w->type == GGML_TYPE_F16) {
+                const uint16_t * row = (const uint16_t *) (wb + (r0 + i) * w->nb[1]);
+                for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = _cvtsh_ss(row[kk]);
+            } else {
+                const float * row = (const float *) (wb + (r0 + i) * w->nb[1]);
+                for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = row[kk];
+            }
         }
         const float * bias = bt ? (const float *) bt->data + r0 : NULL;
         for (int64_t c0 = 0; c0 < n; c0 += NRF) {

@@ -121,9 +121,8 @@ def conv1d_time_major(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, kern
 
     A 1x1 convolution is a Linear over channels. ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs
     as kernels.q8_matmul, with the columns quantized (and for K > 1 unfolded) straight from x and bias and residual
-    added in the same pass; an F32 one as kernels.f32_matmul on kernels.im2col's columns; others (F16) take those
-    columns to ggml's product. Plain ggml ops unfold with ggml_im2col, which reads channel-major data: one
-    transpose.
+    added in the same pass; an F32 or F16 one as kernels.f32_matmul on kernels.im2col's columns. Plain ggml ops
+    unfold with ggml_im2col, which reads channel-major data: one transpose.
     """
     c_in, k = x.ne[0], kernel_size
     flat = w if w.ne[0] == k * c_in and w.ne[2] == 1 else None
