@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "ggml.h"
@@ -35,6 +36,10 @@ void tg_group_norm(struct ggml_tensor * dst, int ith, int nth, void * userdata) 
     const int64_t c = x->ne[0], t_len = x->ne[1], batch = x->ne[2], cg = c / p->groups;
     const int vec = cg % VW == 0;
     float * a = malloc(2 * cg * sizeof(float));
+    if (!a) {  // the kernels link only ggml's headers: no ggml_abort
+        fprintf(stderr, "tortoise-ggml group_norm: out of memory\n");
+        abort();
+    }
     float * off = a + cg;
     for (int64_t item = ith; item < batch * p->groups; item += nth) {
         const int64_t b = item / p->groups, c0 = (item % p->groups) * cg;

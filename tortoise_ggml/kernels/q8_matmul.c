@@ -31,6 +31,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -58,6 +59,16 @@ int tg_q8_matmul_available(void) {
 }
 
 size_t tg_q8_packed_bytes(int64_t k) { return (size_t) k + (size_t) (k / QK) * 8; }
+
+// per-thread scratch (a panel, a column); out of memory inside a graph has no way back but abort
+static void * scratch(size_t bytes) {
+    void * p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) {  // the kernels link only ggml's headers: no ggml_abort
+        fprintf(stderr, "tortoise-ggml kernels: out of memory for %zu bytes of scratch\n", bytes);
+        abort();
+    }
+    return p;
+}
 
 // the columns [first, last) of the flattened index n = t + T*b
 static void split(int64_t n, int ith, int nth, int64_t * first, int64_t * last) {
@@ -120,7 +131,7 @@ void tg_q8_pack(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * x = dst->src[0];
     const int taps = ((const struct tg_q8_params *) userdata)->taps;
     const int64_t k = x->ne[0] * taps, nb = k / QK;
-    float * col = taps > 1 ? malloc(k * sizeof(float)) : NULL;
+    float * col = taps > 1 ? scratch(k * sizeof(float)) : NULL;
     int64_t first, last;
     split(x->ne[1] * x->ne[2], ith, nth, &first, &last);
     for (int64_t n = first; n < last; n++) {
@@ -274,8 +285,8 @@ void tg_q8_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
         const int64_t r0 = rt_i * 32;
         const int ni = r0 + 32 <= m ? 2 : 1;
         if (!wq) {
-            wq = aligned_alloc(64, (size_t) nb * 8 * 2 * 64);
-            wd = aligned_alloc(64, (size_t) nb * 2 * 16 * sizeof(float));
+            wq = scratch((size_t) nb * 8 * 2 * 64);
+            wd = scratch((size_t) nb * 2 * 16 * sizeof(float));
         }
         pack_panel(w, r0, ni, nb, wq, wd);
         const float * bias = bt ? (const float *) bt->data + r0 : NULL;
@@ -363,7 +374,7 @@ void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) 
         const char * wb = (const char *) w->data + b2 * w->nb[2] + b3 * w->nb[3];
         const float * xb = (const float *) ((const char *) x->data + (batches > 1 ? b2 * x->nb[2] + b3 * x->nb[3] : 0));
         float * db = (float *) dst->data + bi * n * ldd;
-        if (!wp) wp = aligned_alloc(64, (size_t) k * 32 * sizeof(float));
+        if (!wp) wp = scratch((size_t) k * 32 * sizeof(float));
         // the panel: wp[kk*16*ni + 16*i + l] = w[r0 + 16*i + l][kk] (F16 weights widened exactly to F32 here)
         for (int i = 0; i < 16 * ni; i++) {
             if (w->type == GGML_TYPE_F16) {
