@@ -59,7 +59,7 @@ def _weight(backend, w):
 # rows (the last row tile of 16), column counts that are and are not multiples of the 6-column tile, one frame
 @pytest.mark.parametrize("m,c,taps,t,bsz", [
     (64, 64, 1, 37, 2), (192, 64, 1, 12, 1), (80, 32, 3, 25, 2), (1024, 256, 3, 47, 2), (16, 32, 1, 1, 1),
-    (48, 96, 3, 6, 1),
+    (48, 96, 3, 6, 1), (32, 32, 3, 1, 2),
 ])
 @pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
 @q8
