@@ -197,6 +197,12 @@ def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: f
     return ctx.custom(_fn("tg_relpos_softmax"), [scores, table], scores.ne, userdata=ud)
 
 
+def _need(built: bool, what: str, isa: str) -> None:
+    if not built:
+        raise ShapeError(f"{what}: the kernels library was built without {isa} (kernels.*_fits tells where the "
+                         "op can run)")
+
+
 def _check_time_major(x: Tensor, what: str) -> None:
     if x.type.name != "F32" or x.nb[0] != 4 or x.ne[3] != 1:
         raise ShapeError(f"{what}: input must be F32 time-major ne (C, T, B) with adjacent channels, got {x!r}")
@@ -224,7 +230,7 @@ def q8_matmul_fits(w: Tensor) -> bool:
     repacked layout) with a multiple of 16 rows, and the kernels built for AVX-512 VNNI."""
     return (_lib is not None and bool(_lib.tg_q8_matmul_available()) and w.type.name == "Q8_0"
             and w.matmul_layout is None and w.ne[1] % 16 == 0 and w.ne[0] % 32 == 0 and w.ne[2] == 1
-            and w.ne[3] == 1 and w.is_contiguous and 16 * w.nb[1] < 2**31)  # the panel's gather offsets: int32
+            and w.ne[3] == 1 and w.is_contiguous)
 
 
 def f32_matmul_fits(w: Tensor) -> bool:
@@ -237,7 +243,7 @@ def f32_matmul_fits(w: Tensor) -> bool:
 def _epilogue(m: int, n: tuple, bias: Tensor | None, residual: Tensor | None, what: str) -> list:
     if bias is not None and (bias.type.name != "F32" or bias.ne[:1] != (m,) or not bias.is_contiguous):
         raise ShapeError(f"{what}: bias must be contiguous F32 ne ({m},), got {bias!r}")
-    if residual is not None and (residual.type.name != "F32" or residual.ne[:3] != (m, *n)
+    if residual is not None and (residual.type.name != "F32" or residual.ne != (m, *n, 1)
                                  or not residual.is_contiguous):
         raise ShapeError(f"{what}: residual must be contiguous F32 ne ({m}, {n[0]}, {n[1]}), got {residual!r}")
     return [t for t in (bias, residual) if t is not None]
@@ -248,6 +254,7 @@ def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None
     """w @ cols (+ bias) (+ residual) for an F32 or F16 weight ne (K, M) (F16 widened exactly; the products in F32)
     and contiguous F32 columns ne (K, T, B) (time-major data, or im2col's): F32 ne (M, T, B). Or a batch, as
     mul_mat: weights ne (K, M, H, B) and columns ne (K, N, H, B) -> ne (M, N, H, B) (no bias or residual)."""
+    _need(_lib is not None and bool(_lib.tg_f32_matmul_available()), "f32_matmul", "AVX-512")
     k, m = w.ne[0], w.ne[1]
     batched = w.ne[2] * w.ne[3] > 1
     if w.type.name not in ("F32", "F16") or m % 16 or not w.is_contiguous:
@@ -268,6 +275,7 @@ def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None
 def q8_pack(ctx: Context, x: Tensor, taps: int = 1) -> Tensor:
     """im2col(x, taps) quantized for q8_matmul (exactly as ggml quantizes activations for a Q8_0 product):
     I8 ne (bytes per column, T, B)."""
+    _need(_lib is not None and bool(_lib.tg_q8_matmul_available()), "q8_pack", "AVX-512 VNNI")
     _check_time_major(x, "q8_pack")
     taps = _taps(taps, "q8_pack")
     k = x.ne[0] * taps
@@ -281,11 +289,13 @@ def q8_matmul(ctx: Context, w: Tensor, packed: Tensor, k: int, bias: Tensor | No
               residual: Tensor | None = None) -> Tensor:
     """w @ columns (+ bias) (+ residual) for a Q8_0 weight ne (K, M) and columns packed by q8_pack (K = ``k``
     values each): F32 ne (M, T, B), time-major. ``residual``: F32 ne (M, T, B)."""
+    _need(_lib is not None and bool(_lib.tg_q8_matmul_available()), "q8_matmul", "AVX-512 VNNI")
     m = w.ne[1]
     if w.type.name != "Q8_0" or w.ne[0] != k or m % 16 or w.matmul_layout is not None or not w.is_contiguous:
         raise ShapeError(f"q8_matmul: weight must be a plain contiguous Q8_0 matrix ne ({k}, M), M a multiple of 16, "
                          f"got {w!r}")
-    if packed.type.name != "I8" or packed.ne[0] != int(_lib.tg_q8_packed_bytes(k)) or not packed.is_contiguous:
+    if (packed.type.name != "I8" or packed.ne[0] != int(_lib.tg_q8_packed_bytes(k)) or not packed.is_contiguous
+            or packed.ne[3] != 1):
         raise ShapeError(f"q8_matmul: columns must come from q8_pack with {k} values each, got {packed!r}")
     args = [w, packed] + _epilogue(m, (packed.ne[1], packed.ne[2]), bias, residual, "q8_matmul")
     return ctx.custom(_fn("tg_q8_matmul"), args, (m, packed.ne[1], packed.ne[2]),

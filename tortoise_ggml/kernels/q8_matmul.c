@@ -5,9 +5,10 @@
 // it runs barely faster than F32. Here the output rows are the vector lanes: each thread repacks a panel of 16 or
 // 32 weight rows so that one 64-byte load holds 4 consecutive weights of 16 rows, and each 4-byte group of an
 // activation column is broadcast into VPDPBUSD against it, so 64 multiply-adds retire per instruction and the
-// per-block scaling is paid once per 16 rows x 32 weights. The arithmetic is ggml's: the activations are quantized
-// exactly as quantize_row_q8_0 does (amax/127 per 32-block, scale rounded to F16, round to nearest even), and each
-// block adds float(integer dot) * (d_w * d_x), in block order.
+// per-block scaling is paid once per 16 rows x 32 weights. The activations are quantized exactly as
+// quantize_row_q8_0 does (amax/127 per 32-block, scale rounded to F16, round to nearest even), and each block adds
+// float(integer dot) * (d_w * d_x), in block order: ggml's terms, summed in another order (ggml keeps 8 partial
+// sums per block and adds them at the end), so the results agree to float rounding, not bit for bit.
 //
 // VPDPBUSD multiplies unsigned by signed bytes: the panel holds w + 128 (unsigned), and each packed activation
 // block carries -128 * sum(q), which starts its integer accumulator, so the sum is exactly sum(w * q).
@@ -23,8 +24,8 @@
 // tg_im2col:     dst F32 ne (C*taps, T, B) = the columns
 // tg_q8_pack:    dst I8 packed = the columns, quantized
 // tg_q8_matmul:  dst F32 ne (M, T, B) = weight @ columns (+ bias) (+ residual)
-// tg_f32_matmul: the same for an F32 (or F16, widened while packing) weight ne (K, M) and F32 columns ne (K, T, B) (x itself, or tg_im2col's),
-//                or batched: weights ne (K, M, H, B) times columns ne (K, N, H, B) -> ne (M, N, H, B) (attention):
+// tg_f32_matmul: the same for an F32 (or F16, widened while packing) weight ne (K, M) and F32 columns
+//                ne (K, T, B) (x itself, or tg_im2col's), or batched: weights ne (K, M, H, B) times columns ne (K, N, H, B) -> ne (M, N, H, B) (attention):
 //                the panel holds 32 rows per k, each column value is broadcast into 2 x 12 FMA accumulators, and
 //                the whole contraction stays in registers (tinyBLAS's 4x6 tiles reread both operands from L2
 //                once K passes ~1000, as the k3 convolutions' 3072 do)
@@ -122,7 +123,11 @@ static void quantize_block(const float * v, int8_t * q, float * d, int32_t * cor
     const __m512i qb = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(b, m), _MM_FROUND_TO_NEAREST_INT));
     _mm_storeu_si128((__m128i *) q, _mm512_cvtsepi32_epi8(qa));
     _mm_storeu_si128((__m128i *) (q + 16), _mm512_cvtsepi32_epi8(qb));
-    *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    // the sum of the stored (saturated) bytes: they differ from qa, qb only for non-finite input
+    const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+    const __m512i sa = _mm512_min_epi32(_mm512_max_epi32(qa, lo), hi);
+    const __m512i sb = _mm512_min_epi32(_mm512_max_epi32(qb, lo), hi);
+    *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(sa, sb));
 }
 #endif
 

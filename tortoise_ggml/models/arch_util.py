@@ -201,7 +201,7 @@ def qkv_attention_legacy(ctx: Context, qkv: Tensor, n_heads: int, rel_pos: Tenso
     # with the table (tortoise-ggml's CPU kernels) both products are kernels.f32_matmul where it fits: tinyBLAS
     # splits these 64-deep products into small tiles that reread both operands (a q8_0 step: 0.59 -> 0.37 s)
     def product(a: Tensor, b: Tensor) -> Tensor:
-        if rel_table is not None and kernels.f32_matmul_fits(a):
+        if rel_table is not None and kernels.f32_matmul_fits(a) and a.ne[2:] == b.ne[2:]:
             return kernels.f32_matmul(ctx, a, b if b.is_contiguous else ctx.cont(b))
         return ctx.mul_mat(a, b)
 

@@ -110,8 +110,9 @@ class DiffusionTts(Model):
 
     def __init__(self, model_file, backend: pg.Backend | None = None, component: str | None = None,
                  fused: bool | None = None):
-        """``fused``: attention softmax with the relative position bias by tortoise-ggml's CPU kernel
-        (tortoise_ggml/kernels); None (default) wherever it can run, False never, True insists."""
+        """``fused``: tortoise-ggml's CPU kernels (the attention softmax with the relative position bias, the
+        trunk's fused GroupNorm and its Q8_0 / F32 / F16 products, tortoise_ggml/kernels); None (default) wherever
+        they can run, False never (plain ggml ops, as a GPU runs them), True insists."""
         super().__init__(model_file, backend, component)
         cfg, w = self.config, self.weights
         self.in_channels = c_in = cfg.in_channels

@@ -41,7 +41,10 @@ class KVCache:
 
     def store(self, ctx: Context, layer: int, k_cur: Tensor, v_cur: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Write k_cur, v_cur (ne (n_embd, n_new, n_rows or 1)) at positions ``slots`` (I32, ne (n_new,)) of
-        every row; a single row is broadcast to all rows (a prefix shared by every sample).
+        every row; a single row is broadcast to all rows (a prefix shared by every sample). The AR decode step
+        relies on that: the prefix positions are read from row 0 for every row (kernels.attend_cache's
+        ``shared``), so anything that writes per-row data below the prefix (per-row prompts, reordered rows) must
+        stop passing it.
 
         Returns the whole cache of this layer as (head_dim, capacity, heads, n_rows) views that depend on the
         writes, so an attention reading them runs after them.

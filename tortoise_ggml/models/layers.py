@@ -133,6 +133,8 @@ def conv1d_time_major(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None, kern
         flat = ctx.reshape(w if w.is_contiguous else ctx.cont(w), k * c_in, w.ne[2])
     if k % 2 == 0:
         raise ShapeError(f"conv1d_time_major: kernel size {k} is even (its padding would not be symmetric)")
+    if residual is not None and fused and not residual.is_contiguous:
+        residual = ctx.cont(residual)
     if fused and kernels.q8_matmul_fits(flat):
         if not x.is_contiguous:
             x = ctx.cont(x)
