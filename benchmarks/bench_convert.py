@@ -72,11 +72,14 @@ def result(out):
 
 
 def ensure_checkpoints(ckpt):
-    if os.path.isfile(os.path.join(ckpt, "config.json")):  # save_all writes it last
-        return
     from reference import oracle
+    # save_all writes config.json last; a cache from before a component existed (hifidecoder.pth) lacks its file
+    missing = [n for n, f in oracle.FILES.items() if not os.path.isfile(os.path.join(ckpt, f))]
+    if os.path.isfile(os.path.join(ckpt, "config.json")) and not missing:
+        return
     print(f"writing full-size random checkpoints to {ckpt} (a few minutes) ...", flush=True)
-    oracle.save_all("full", ckpt, seed=0)
+    # each component's weights come from its own seeded build: the missing ones alone can be added
+    oracle.save_all("full", ckpt, seed=0, names=missing if os.path.isfile(os.path.join(ckpt, "config.json")) else None)
 
 
 def main():

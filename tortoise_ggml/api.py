@@ -30,7 +30,7 @@ from .utils.audio import denormalize_tacotron_mel, load_audio  # noqa: F401 (loa
 from .utils.checks import as_generator
 from .utils.diffusion import SpacedDiffusion, check_sampler, get_named_beta_schedule, space_timesteps
 from .utils.sampling import CALM_TOKEN, fix_autoregressive_output
-from .utils.text import VoiceBpeTokenizer
+from .utils.text import TTS_TEXT_PAD, VoiceBpeTokenizer
 from .weights.model_file import ModelFile
 from .weights.registry import REGISTRY
 
@@ -124,7 +124,7 @@ class TextToSpeech:
         if not tokens:
             raise ValueError(f"the text {text[:40]!r} has nothing to speak: no letters or digits left after "
                              "tortoise's text cleaners")
-        text_tokens = np.pad(np.asarray(tokens, np.int32)[None], ((0, 0), (0, 1)))
+        text_tokens = np.pad(np.asarray(tokens, np.int32)[None], ((0, 0), (0, TTS_TEXT_PAD)))
         limit = self.autoregressive.config.max_text_tokens
         if text_tokens.shape[-1] > limit:
             raise ValueError(f"too much text ({text_tokens.shape[-1]} tokens, limit {limit}): split it with "

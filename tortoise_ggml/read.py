@@ -110,8 +110,8 @@ def _preview(text: str, n: int = 40) -> str:
 
 
 def plan_text(text: str, tokenizer, limit: int, say=log.info) -> list[str]:
-    """The parts to speak: split_text, then fit_parts with the tokenizer's count (tts() adds one pad token)."""
-    parts = fit_parts(split_text(text, say), lambda t: len(tokenizer.encode(t)) + 1, limit, say)
+    """The parts to speak: split_text, then fit_parts with the count tts() feeds the model (tokenizer.tts_length)."""
+    parts = fit_parts(split_text(text, say), tokenizer.tts_length, limit, say)
     if not parts:
         raise ReadError("there is no text to read")
     return parts

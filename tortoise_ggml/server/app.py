@@ -131,7 +131,7 @@ def speech_work(voices: VoiceStore, voice: str | None, parts: list[str], kwargs:
         limit = _text_token_limit(tts)
         if limit:
             for i, part in enumerate(parts):
-                n = len(tts.tokenizer.encode(part)) + 1
+                n = tts.tokenizer.tts_length(part)
                 if n > limit:
                     raise bad_request(f"part {i + 1} of the input is too long for the model ({n} tokens, limit "
                                       f"{limit}): shorten it or add '|' split points", param="input",

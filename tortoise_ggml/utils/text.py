@@ -190,6 +190,10 @@ def _load_tokenizer(source: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{source!r} is not a tokenizers JSON file: {e}") from None
 
 
+# tortoise api.py pads the text tokens with one 0 (F.pad(text_tokens, (0, 1)))
+TTS_TEXT_PAD = 1
+
+
 class VoiceBpeTokenizer:
     """Text -> BPE ids exactly as tortoise's VoiceBpeTokenizer.
 
@@ -223,6 +227,11 @@ class VoiceBpeTokenizer:
         txt = txt.replace('[STOP]', '')
         txt = txt.replace('[UNK]', '')
         return txt
+
+    def tts_length(self, txt: str) -> int:
+        """How many text tokens TextToSpeech.tts feeds the AR model for ``txt``: the ids and tortoise's trailing pad
+        ("This may not be necessary."): what the model's max_text_tokens limits."""
+        return len(self.encode(txt)) + TTS_TEXT_PAD
 
 
 # ---------------------------------------------------------------------------------------------------------------
