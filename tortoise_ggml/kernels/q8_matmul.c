@@ -332,6 +332,59 @@ static inline __attribute__((always_inline)) void tile_f32(const int ni, const i
     }
 }
 
+// 16 rows of 16 floats -> 16 columns (AVX-512's 16x16 transpose: unpack, unpack, two 128-bit shuffles)
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int h = 0; h < 2; h++) {
+        for (int i = 0; i < 4; i++) {
+            t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+            t[8 * h + 4 + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
+        }
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    }
+}
+
+// rows [r0, r0 + 16*ni) of an F32 or F16 weight (F16 widened exactly) into the panel: wp[kk*16*ni + 16*i + l] =
+// w[r0 + 16*i + l][kk], 16x16 blocks transposed in registers (a decode step repacks every weight per product)
+static void pack_panel_f32(const struct ggml_tensor * w, const char * wb, int64_t r0, int ni, int64_t k, float * wp) {
+    const int f16 = w->type == GGML_TYPE_F16;
+    for (int i = 0; i < ni; i++) {
+        const char * rows = wb + (r0 + 16 * i) * w->nb[1];
+        int64_t kk = 0;
+        for (; kk + 16 <= k; kk += 16) {
+            __m512 r[16];
+            for (int l = 0; l < 16; l++) {
+                const char * row = rows + l * w->nb[1];
+                r[l] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + kk)))
+                           : _mm512_loadu_ps((const float *) row + kk);
+            }
+            transpose16(r);
+            for (int j = 0; j < 16; j++) _mm512_store_ps(wp + (kk + j) * 16 * ni + 16 * i, r[j]);
+        }
+        for (; kk < k; kk++) {
+            for (int l = 0; l < 16; l++) {
+                const char * row = rows + l * w->nb[1];
+                wp[kk * 16 * ni + 16 * i + l] = f16 ? _cvtsh_ss(((const uint16_t *) row)[kk]) : ((const float *) row)[kk];
+            }
+        }
+    }
+}
+
 #define TILE_F32_CASE(NI, N) \
     case N: tile_f32(NI, N, wp, k, xc, xs, out, ldd, bias, res); break;
 #define TILE_F32_CASES(NI) \
@@ -380,16 +433,7 @@ void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) 
         const float * xb = (const float *) ((const char *) x->data + (batches > 1 ? b2 * x->nb[2] + b3 * x->nb[3] : 0));
         float * db = (float *) dst->data + bi * n * ldd;
         if (!wp) wp = scratch((size_t) k * 32 * sizeof(float));
-        // the panel: wp[kk*16*ni + 16*i + l] = w[r0 + 16*i + l][kk] (F16 weights widened exactly to F32 here)
-        for (int i = 0; i < 16 * ni; i++) {
-            if (w->type == GGML_TYPE_F16) {
-                const uint16_t * row = (const uint16_t *) (wb + (r0 + i) * w->nb[1]);
-                for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = _cvtsh_ss(row[kk]);
-            } else {
-                const float * row = (const float *) (wb + (r0 + i) * w->nb[1]);
-                for (int64_t kk = 0; kk < k; kk++) wp[kk * 16 * ni + i] = row[kk];
-            }
-        }
+        pack_panel_f32(w, wb, r0, ni, k, wp);
         const float * bias = bt ? (const float *) bt->data + r0 : NULL;
         for (int64_t c0 = 0; c0 < n; c0 += NRF) {
             const int nr = n - c0 < NRF ? (int) (n - c0) : NRF;

@@ -17,6 +17,9 @@ from .. import kernels
 # measured at the AR's full size (2 threads, AVX-512 VNNI), a decode step with ggml's dot products vs q8_matmul:
 # batch 1 13 vs 37 ms, batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms
 Q8_MIN_COLUMNS = 2
+# and for F32/F16 weights (tinyBLAS vs f32_matmul), f16 / f32 files: batch 8 44 vs 40 / 55 vs 61 ms, batch 16
+# 78 vs 59 / 113 vs 77 ms, an 80-token prefill 190-200 vs 156-166 / 217-231 vs 187-225 ms
+F32_MIN_COLUMNS = 16
 
 
 def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, fused: bool = False) -> Tensor:
@@ -28,12 +31,15 @@ def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, fused: b
 
     ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs as kernels.q8_matmul for products of
     Q8_MIN_COLUMNS positions and more (fewer, as a batch-1 decode step, read each weight once in ggml's dot
-    products, while q8_matmul repacks it first).
+    products, while q8_matmul repacks it first), an F32 or F16 one as kernels.f32_matmul from F32_MIN_COLUMNS.
     """
-    if (fused and kernels.q8_matmul_fits(w) and x.type.name == "F32" and x.ne[3] == 1
-            and x.ne[1] * x.ne[2] >= Q8_MIN_COLUMNS):
-        x = x if x.is_contiguous else ctx.cont(x)
-        return kernels.q8_matmul(ctx, w, kernels.q8_pack(ctx, x), x.ne[0], b)
+    columns = x.ne[1] * x.ne[2]
+    if fused and x.type.name == "F32" and x.ne[3] == 1:
+        if kernels.q8_matmul_fits(w) and columns >= Q8_MIN_COLUMNS:
+            x = x if x.is_contiguous else ctx.cont(x)
+            return kernels.q8_matmul(ctx, w, kernels.q8_pack(ctx, x), x.ne[0], b)
+        if kernels.f32_matmul_fits(w) and w.ne[2] == 1 and columns >= F32_MIN_COLUMNS:
+            return kernels.f32_matmul(ctx, w, x if x.is_contiguous else ctx.cont(x), b)
     if w.matmul_layout and not x.is_contiguous:
         x = ctx.cont(x)
     ne = x.ne
