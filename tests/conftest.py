@@ -46,6 +46,13 @@ def backend():
 
 
 @pytest.fixture(scope="module")
+def reference(request, oracle, small_ckpt_dir):
+    """tortoise-tts's own model (small config, the shared random checkpoints) of the component the test module
+    names in REFERENCE."""
+    return oracle.load(request.module.REFERENCE, "small", ckpt=str(small_ckpt_dir))
+
+
+@pytest.fixture(scope="module")
 def model_file(request, small_gguf, backend):
     """``small_gguf`` loaded into ``backend``: the components the test module lists in COMPONENTS (default all)."""
     from tortoise_ggml.weights.model_file import ModelFile

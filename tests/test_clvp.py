@@ -18,11 +18,7 @@ torch = pytest.importorskip("torch")
 RTOL, ATOL = 1e-4, 1e-5
 
 COMPONENTS = ["clvp"]  # what the shared model_file fixture loads
-
-
-@pytest.fixture(scope="module")
-def reference(oracle, small_ckpt_dir):
-    return oracle.load("clvp", "small", str(small_ckpt_dir))
+REFERENCE = "clvp"  # the component whose tortoise-tts model the shared reference fixture loads
 
 
 @torch.no_grad()

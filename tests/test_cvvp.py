@@ -12,11 +12,7 @@ torch = pytest.importorskip("torch")
 RTOL, ATOL = 1e-4, 1e-5
 
 COMPONENTS = ["cvvp"]  # what the shared model_file fixture loads
-
-
-@pytest.fixture(scope="module")
-def reference(oracle, small_ckpt_dir):
-    return oracle.load("cvvp", "small", str(small_ckpt_dir))
+REFERENCE = "cvvp"  # the component whose tortoise-tts model the shared reference fixture loads
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ def output_seq_len(n_codes: int) -> int:
 
 torch = pytest.importorskip("torch")
 
+REFERENCE = "diffusion"  # the component whose tortoise-tts model the shared reference fixture loads
+
 ATOL_EMB = 5e-5
 ATOL_STEP = 3e-5
 ATOL_MEL = 2e-3
@@ -43,11 +45,6 @@ N_CODES = 40                      # -> 87 frames
 @pytest.fixture(scope="module")
 def model(small_gguf, backend):
     return DiffusionTts(ModelFile(small_gguf, backend, components=["diffusion"]), backend)
-
-
-@pytest.fixture(scope="module")
-def reference(oracle, small_ckpt_dir):
-    return oracle.load("diffusion", "small", ckpt=str(small_ckpt_dir))
 
 
 @pytest.fixture(scope="module")

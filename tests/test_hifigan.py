@@ -39,6 +39,7 @@ from tortoise_ggml.models.hifigan_decoder import (
 from tortoise_ggml.weights import registry
 
 COMPONENTS = ["autoregressive", "rlg_auto", "hifigan"]  # what the shared model_file fixture loads
+REFERENCE = "hifigan"  # the component whose tortoise-tts model the shared reference fixture loads
 TEXT = "Hello there."
 FUSABLE = kernels.usable(pg.Backend("cpu", threads=1), 16)
 
@@ -46,11 +47,6 @@ FUSABLE = kernels.usable(pg.Backend("cpu", threads=1), 16)
 @pytest.fixture(scope="module")
 def hifi(model_file):
     return HifiganGenerator(model_file)
-
-
-@pytest.fixture(scope="module")
-def reference(oracle, small_ckpt_dir):
-    return oracle.load("hifigan", "small", ckpt=str(small_ckpt_dir))
 
 
 @pytest.fixture(scope="module")
