@@ -406,7 +406,8 @@ def test_paused_stream_raises_when_another_call_takes_the_cache(tts):
 # the command line
 # ------------------------------------------------------------------------------------------------------------------
 def test_cli_streams_a_valid_wav_and_raw_pcm(small_gguf, tmp_path):
-    from tortoise_ggml.generate import WavStreamWriter, main, pcm16
+    from tortoise_ggml.generate import WavStreamWriter, main
+    from tortoise_ggml.utils.audio import to_pcm16 as pcm16
     out = tmp_path / "s.wav"
     args = ["--model", str(small_gguf), "--text", TEXT, "--decoder", "hifigan", "--stream", "--max-mel-tokens", "70",
             "--stream-chunk-size", "5", "--seed", "0", "--threads", "2"]

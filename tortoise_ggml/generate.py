@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import struct
 import sys
 import time
 
 import numpy as np
 
 from .cli import UsageError, add_generation_options, check_output, describe, fail, generation_overrides, user_errors
+from .utils.audio import to_pcm16, wav_header
 
 DEFAULT_TEXT = "Tortoise is a text to speech program built with priorities on multi-voice capabilities and realism."
-AUDIO_EXTS = (".wav", ".mp3", ".flac", ".ogg")
 
 
 def load_voice(tts, voice: str | None, seed, extra_voice_dirs=()):
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
             path = args.output if len(clips) == 1 else f"{stem}_{i}{ext or '.wav'}"
             rate = tts.audio_config.output_sample_rate
             if path == "-":
-                sys.stdout.buffer.write(pcm16(wav))
+                sys.stdout.buffer.write(to_pcm16(wav))
                 sys.stdout.buffer.flush()
             else:
                 write_wav(path, wav, rate)
@@ -169,13 +168,6 @@ def _say(args, msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # --stream
 # ------------------------------------------------------------------------------------------------------------------
-def pcm16(wav) -> bytes:
-    """Float samples as 16-bit little-endian PCM, as write_wav (soundfile's PCM_16) stores them: clipped to
-    [-1, 1], scaled by 32767, rounded to nearest."""
-    x = np.clip(np.asarray(wav, np.float32).reshape(-1), -1.0, 1.0)
-    return np.rint(x * np.float32(32767)).astype("<i2").tobytes()
-
-
 class WavStreamWriter:
     """A 16-bit mono PCM WAV file written as it grows: after each chunk of samples the RIFF and data sizes in the
     header are rewritten, so at every moment the file is a complete WAV of the samples written so far (the header
@@ -189,9 +181,7 @@ class WavStreamWriter:
         self.f.flush()
 
     def _header(self) -> bytes:
-        rate, n = self.sample_rate, self.nbytes
-        return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + n, b"WAVE", b"fmt ", 16, 1, 1, rate, 2 * rate, 2, 16,
-                           b"data", n)
+        return wav_header(self.sample_rate, self.nbytes // 2)
 
     def write(self, pcm: bytes) -> None:
         self.f.seek(0, os.SEEK_END)
@@ -219,7 +209,7 @@ def _stream(args, tts, text: str, latents, rng) -> int:
     tty = sys.stderr.isatty()
     try:
         for chunk in stream:
-            out.write(pcm16(chunk))
+            out.write(to_pcm16(chunk))
             out.flush()
             st = stream.stats
             if not args.quiet:

@@ -10,16 +10,16 @@
 from __future__ import annotations
 
 import io
-import struct
 
 import numpy as np
+
+from ..utils.audio import to_pcm16, wav_header
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
                "opus": "audio/opus", "aac": "audio/aac"}
 STREAMED = ("wav", "pcm")
 # soundfile (format, subtype) for the formats encoded whole
 _SOUNDFILE = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
-STREAMING_SIZE = 0xFFFFFFFF
 
 
 def supported_formats() -> tuple[str, ...]:
@@ -34,23 +34,6 @@ def supported_formats() -> tuple[str, ...]:
         except Exception:  # noqa: BLE001 - an old libsndfile without the query
             pass
     return tuple(out)
-
-
-def to_pcm16(wav: np.ndarray) -> bytes:
-    wav = np.asarray(wav, np.float32).reshape(-1)
-    return (np.rint(np.clip(wav, -1.0, 1.0) * 32767.0)).astype("<i2").tobytes()
-
-
-def wav_header(sample_rate: int, n_samples: int | None) -> bytes:
-    """A 44-byte PCM-16 mono WAV header; ``n_samples`` None: the streaming sizes (0xFFFFFFFF)."""
-    if n_samples is None:
-        riff = data = STREAMING_SIZE
-    else:
-        data = 2 * n_samples
-        riff = 36 + data
-    return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt "
-            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16)
-            + b"data" + struct.pack("<I", data))
 
 
 def encode_whole(fmt: str, wav: np.ndarray, sample_rate: int) -> bytes:

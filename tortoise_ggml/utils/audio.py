@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 from functools import lru_cache
 
@@ -449,3 +450,29 @@ def format_conditioning(clip, mel_norms, cond_length: int = 132300, rng=None) ->
         clip = clip[:, rand_start:rand_start + cond_length]
     norms = np.asarray(mel_norms, np.float32)
     return TorchMelSpectrogram(n_mel_channels=norms.shape[-1], mel_norms=norms)(clip)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 16-bit PCM and WAV headers (the server's responses, generate --stream)
+# ------------------------------------------------------------------------------------------------------------------
+# RIFF and data sizes of a WAV whose length is not known yet, as streaming WAV writers put them
+STREAMING_SIZE = 0xFFFFFFFF
+
+
+def to_pcm16(wav: np.ndarray) -> bytes:
+    """Float samples as 16-bit little-endian PCM, as write_wav (soundfile's PCM_16) stores them: clipped to
+    [-1, 1], scaled by 32767, rounded to nearest."""
+    wav = np.asarray(wav, np.float32).reshape(-1)
+    return (np.rint(np.clip(wav, -1.0, 1.0) * 32767.0)).astype("<i2").tobytes()
+
+
+def wav_header(sample_rate: int, n_samples: int | None) -> bytes:
+    """A 44-byte PCM-16 mono WAV header; ``n_samples`` None: the streaming sizes (0xFFFFFFFF)."""
+    if n_samples is None:
+        riff = data = STREAMING_SIZE
+    else:
+        data = 2 * n_samples
+        riff = 36 + data
+    return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16)
+            + b"data" + struct.pack("<I", data))
