@@ -193,14 +193,14 @@ class CachedGraph:
             if not isinstance(built, tuple) or len(built) not in (2, 3) or not isinstance(built[0], dict):
                 raise TypeError("a CachedGraph build returns ({name: input tensor}, outputs[, first]), got "
                                 f"{type(built).__name__}")
-            named, outputs, *first = built
+            named, outputs, *before = built
             outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
             if not all(isinstance(o, Tensor) for o in outputs):
                 raise TypeError("a CachedGraph build's outputs must be pyggml Tensors")
             for out in outputs:
                 out.set_output()  # else the allocator may reuse an output's memory for a later node
             # ``first``: tensors to schedule before the outputs (their memory stays reusable)
-            graph = Graph(ctx, *(first[0] if first else ()), *outputs)
+            graph = Graph(ctx, *(before[0] if before else ()), *outputs)
             self._entry, self._key = (ctx, inputs, named, outputs, graph), key
         ctx, inputs, named, outputs, graph = self._entry
         missing = set(named) - set(arrays)
