@@ -146,14 +146,6 @@ class Buffer:
             pass
 
 
-def _ctx_bytes(ctx: Context) -> int:
-    total, p = 0, lib.ggml_get_first_tensor(ctx.ptr)
-    while p != ffi.NULL:
-        total += lib.ggml_nbytes(p)
-        p = lib.ggml_get_next_tensor(ctx.ptr, p)
-    return total
-
-
 def _forget_compute_memory(graph: Graph | None, ctx: Context | None = None, g=None) -> None:
     """Detach what a graph allocator placed: every node (results and views alike: a view of a persistent tensor is
     simply re-initialised from its source) and the input leafs. Their old buffer may be freed already, so it is
@@ -383,9 +375,10 @@ class Backend:
                 raise ValueError(f"the {self.name} backend cannot use {buffer_type.name} memory")
             ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx._live(), buffer_type.ptr)
         if ptr == ffi.NULL:
-            if not ctx.tensors():
+            if not tensors:
                 raise ValueError("alloc_tensors: the context has no tensors")
-            raise OutOfMemory(f"{self.name}: could not allocate the context's tensors ({_ctx_bytes(ctx)} bytes)")
+            raise OutOfMemory(f"{self.name}: could not allocate the context's tensors "
+                              f"({sum(t.nbytes for t in tensors)} bytes)")
         ctx._released = None
         return Buffer(ptr, self, ctx)
 

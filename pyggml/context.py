@@ -329,14 +329,19 @@ class Context:
             raise OutOfContextMemory(f"context full: {what} needs {need} bytes, {free} of {self.mem_size} left "
                                      "(create the Context with a larger mem_size/max_tensors)")
 
+    def _track(self, *tensors: Tensor) -> None:
+        """Keep alive the other contexts whose tensors an op here reads."""
+        for t in tensors:
+            if t.owner is not self:
+                self._deps.add(t.owner)
+
     def _wrap(self, fn, *args) -> Tensor:
         ptr = self._live()
         raw = []
         for a in args:
             if isinstance(a, Tensor):
                 raw.append(a.ptr)           # ClosedError for a tensor of a closed context
-                if a.owner is not self:
-                    self._deps.add(a.owner)
+                self._track(a)
             else:
                 raw.append(a)
         self._room()
@@ -696,9 +701,7 @@ class Context:
         ud = ffi.NULL if userdata is None else ffi.cast("void *", userdata)
         tasks = -1 if n_tasks is None else int(n_tasks)  # -1: GGML_N_TASKS_MAX, every thread
         self._room(nbytes)
-        for a in args:
-            if a.owner is not self:
-                self._deps.add(a.owner)
+        self._track(*args)
         return Tensor(lib.ggml_custom_4d(self._live(), int(t), *ne, srcs, len(args), fn, tasks, ud), self)
 
     def custom2_inplace(self, fun, a: Tensor, b: Tensor, userdata=None, n_tasks: int | None = None) -> Tensor:
@@ -714,9 +717,7 @@ class Context:
         ud = ffi.NULL if userdata is None else ffi.cast("void *", userdata)
         tasks = -1 if n_tasks is None else int(n_tasks)
         self._room(0)
-        for t in (a, b):
-            if t.owner is not self:
-                self._deps.add(t.owner)
+        self._track(a, b)
         return Tensor(lib.ggml_map_custom2_inplace(self._live(), a.ptr, b.ptr, fn, tasks, ud), self)
 
     # -- linear algebra ----------------------------------------------------------------------------------------

@@ -129,9 +129,7 @@ class SameConv1d:
                                         self.padding, leaky_slope)
         y = conv1d_time_major(ctx, x, self.weight, self.bias, padding=self.padding, dilation=self.dilation,
                               rules=rules, rows=rows)
-        if leaky_slope is not None:
-            y = _unflat(ctx, ctx.leaky_relu(_flat(ctx, y, rows), leaky_slope), y)
-        return y
+        return y if leaky_slope is None else _leaky(ctx, y, leaky_slope, rows)
 
 
 class ConvTranspose1d:

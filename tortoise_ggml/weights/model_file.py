@@ -183,7 +183,8 @@ class ModelFile:
             raise ValueError(f"{self.path}: no key list for {component}")
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ValueError(f"{self.path}: metadata {ARCHITECTURE}.{component}.keys is not a list of strings")
-        if len(set(keys)) != len(keys):
+        key_set = set(keys)
+        if len(key_set) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"{self.path}: {component} lists key {dup!r} twice")
         if self.file_type is None:
@@ -208,7 +209,7 @@ class ModelFile:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise ValueError(f"{self.path}: {component} holds key {unknown[0]!r}{more}, which is not part of "
                              f"{described}: metadata and tensors disagree")
-        missing = [k for k in expected if k not in keys]
+        missing = [k for k in expected if k not in key_set]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ValueError(f"{self.path}: {component} has no key {missing[0]!r}{more}, which {described} needs: "
