@@ -18,7 +18,6 @@ run, a resumed run and a Ray run give the same audio.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -376,12 +375,6 @@ def _last_line(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # the reader
 # ------------------------------------------------------------------------------------------------------------------
-def tts_accepts(name: str) -> bool:
-    """Whether TextToSpeech.tts takes the keyword ``name`` (sampler, decoder: added as the API grows)."""
-    from .api import TextToSpeech
-    return name in inspect.signature(TextToSpeech.tts).parameters
-
-
 class _Bar:
     """tqdm over parts: parts made, audio seconds made, time left."""
 
@@ -478,8 +471,6 @@ def _settings(args) -> Settings:
     for name in ("sampler", "decoder"):
         value = getattr(args, name)
         if value is not None:
-            if not tts_accepts(name):
-                raise ReadError(f"--{name}: this tortoise-ggml's TextToSpeech.tts has no {name} option")
             overrides[name] = value
     if args.candidates < 1:
         raise ReadError(f"--candidates must be at least 1, got {args.candidates}")

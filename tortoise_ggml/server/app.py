@@ -115,14 +115,13 @@ def _text_token_limit(tts):
 
 
 # what tts_stream takes of the request's knobs (the diffusion and candidate ones have no meaning there)
-_STREAM_PARAMS = frozenset(inspect.signature(tts_api.TextToSpeech.tts_stream).parameters) - {"self", "text"} \
-    if hasattr(tts_api.TextToSpeech, "tts_stream") else frozenset()
+_STREAM_PARAMS = frozenset(inspect.signature(tts_api.TextToSpeech.tts_stream).parameters) - {"self", "text"}
 
 
 def streams(kwargs: dict) -> bool:
-    """Whether a request is spoken chunk by chunk as it is generated: the HiFi-GAN fast path, where tts_stream
-    exists; otherwise every part comes whole."""
-    return kwargs.get("decoder") == "hifigan" and bool(_STREAM_PARAMS)
+    """Whether a request is spoken chunk by chunk as it is generated: the HiFi-GAN fast path; otherwise every
+    part comes whole."""
+    return kwargs.get("decoder") == "hifigan"
 
 
 def speech_work(voices: VoiceStore, voice: str | None, parts: list[str], kwargs: dict, seed: int):
