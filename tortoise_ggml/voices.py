@@ -253,12 +253,21 @@ def _check_width(latents, mf, where: str):
                              f"{widths[part]} (latents made with another model?)")
 
 
+def read_clips(name: str, paths, sampling_rate: int) -> list:
+    """A voice's clips as load_audio reads them, in order; the first that cannot be read is a VoiceError naming
+    the voice."""
+    from .utils.audio import load_audio  # the audio front-end only when clips are read
+    try:
+        return [load_audio(p, sampling_rate) for p in paths]
+    except (ValueError, OSError) as e:
+        raise VoiceError(f"voice {name!r}: {e}") from None
+
+
 def load_voices(spec: str, model_file=None, extra_voice_dirs=(), sampling_rate: int | None = None):
     """tortoise's load_voices for one --voice value (``"a&b"`` mixes): (clips, latents), one of them None, or
     (None, None) for random. clips: 22.05 kHz float32 arrays (1, samples) (``sampling_rate``: the model file's
     input rate by default); latents: (autoregressive (1, d), diffusion (1, 2c)) float32, averaged over the mixed
     voices as tortoise does (torch.stack(...).mean(0))."""
-    from .utils.audio import load_audio
     mf = _model_file(model_file)
     if sampling_rate is None:
         sampling_rate = mf.audio_config.input_sample_rate if mf is not None else 22050
@@ -275,14 +284,7 @@ def load_voices(spec: str, model_file=None, extra_voice_dirs=(), sampling_rate: 
                          "combine clips with clips or latents with latents (save a clip voice's latents with python "
                          "-m tortoise_ggml.get_conditioning_latents, then mix the .npz files)")
     if kinds == {"clips"}:
-        clips = []
-        for v in voices:
-            for path in v.clips:
-                try:
-                    clips.append(load_audio(path, sampling_rate))
-                except (ValueError, OSError) as e:
-                    raise VoiceError(f"voice {v.name!r}: {e}") from None
-        return clips, None
+        return [wav for v in voices for wav in read_clips(v.name, v.clips, sampling_rate)], None
     for v in voices:
         _check_width(v.latents, mf, repr(v.name))
     if len(voices) == 1:
@@ -335,7 +337,6 @@ def latents_from_checkpoints(models_dir: str, clip_voices: dict[str, list[str]],
     import tempfile
 
     from .api import TextToSpeech
-    from .utils.audio import load_audio
     from .weights.convert import convert
 
     out = {}
@@ -346,10 +347,7 @@ def latents_from_checkpoints(models_dir: str, clip_voices: dict[str, list[str]],
         rate = tts.audio_config.input_sample_rate
         try:
             for name, clips in clip_voices.items():
-                try:
-                    wavs = [load_audio(c, rate) for c in clips]
-                except (ValueError, OSError) as e:
-                    raise VoiceError(f"voice {name!r}: {e}") from None
+                wavs = read_clips(name, clips, rate)
                 out[name] = _pair(*tts.get_conditioning_latents(wavs, seed=CROP_SEED), where=name)
                 log.info("voice %s: latents from %d clips", name, len(clips))
         finally:
