@@ -74,10 +74,17 @@ DEFINE_TILE(1, NT1)
 DEFINE_TILE(2, NT2)
 DEFINE_TILE(4, NT4)
 
-// the widest channel block (vectors) that divides C_out/VW, and the tile width (samples) that goes with it
+// the widest channel block (vectors) that divides C_out/VW, and the tile width (samples) that goes with it. With 16
+// vector registers (AVX2) a block of 4 leaves 3 samples and no register for the weights: the compiler then reads
+// every weight from memory for every multiply-add (15 loads per 12 FMAs, load-bound at ~50% of peak); a block of
+// 2 keeps the weights in registers for 6 samples (8 loads per 12 FMAs): 1.35x faster on HiFi-GAN.
 static int block_vectors(int c_out) {
     const int v = c_out / VW;
+#if VREGS <= 16
+    return v % 2 == 0 ? 2 : 1;
+#else
     return v % 4 == 0 ? 4 : v % 2 == 0 ? 2 : 1;
+#endif
 }
 
 static int tile_samples(int mb) { return mb == 4 ? NT4 : mb == 2 ? NT2 : NT1; }
