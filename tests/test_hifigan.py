@@ -204,11 +204,16 @@ def test_fast_path_without_the_component_says_how_to_add_it(gguf_without_hifigan
 # ------------------------------------------------------------------------------------------------------------------
 # the decoder
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fused", [pytest.param(True, marks=pytest.mark.skipif(
-    not FUSABLE, reason="tortoise_ggml.kernels not built for 16 lanes")), False])
-def test_inference_matches_reference(oracle, model_file, reference, fused):
-    ours = HifiganGenerator(model_file, fused=fused)
+@pytest.mark.parametrize("fused,spectral", [
+    pytest.param(True, True, marks=pytest.mark.skipif(not FUSABLE, reason="tortoise_ggml.kernels not built")),
+    pytest.param(True, False, marks=pytest.mark.skipif(not FUSABLE, reason="tortoise_ggml.kernels not built")),
+    (False, True)], ids=["spectral", "fused-direct", "ggml"])
+def test_inference_matches_reference(oracle, model_file, reference, fused, spectral):
+    ours = HifiganGenerator(model_file, fused=fused, spectral=spectral)
     assert ours.fused == fused
+    # the 7- and 11-tap residual-block convolutions by FFT blocks, the 3-tap ones direct (only where fused)
+    convs = [c for b in ours.resblocks for c in b.convs]
+    assert [c.spectral for c in convs] == [fused and spectral and c.kernel_size > 3 for c in convs]
     latents, voice = _latents(0, 9)
     want = _reference(oracle, reference, latents, voice)
     got = ours.inference(latents, voice)

@@ -96,6 +96,67 @@ def test_lvc_gated_matches_reference(cpu, c_in, c, hop, segments, bsz):
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
+# HiFi-GAN's residual-block convolutions (7 and 11 taps, dilations 1/3/5) and its channel counts, a length shorter
+# than one block, a phase count that leaves an odd number of blocks (the padding block), a dilated span longer than
+# the input, more outputs than inputs, and each epilogue: input and output leaky ReLU, no bias, a residual
+@pytest.mark.parametrize("c_in,c_out,k,d,t,bsz,leaky_in,leaky_out,bias,residual", [
+    (32, 32, 11, 5, 1000, 1, 0.1, 0.1, True, False),
+    (64, 64, 7, 3, 333, 2, None, None, True, True),
+    (16, 16, 11, 1, 9, 1, 0.1, None, True, True),
+    (256, 256, 7, 1, 61, 1, None, 0.1, False, False),
+    (16, 48, 5, 9, 40, 3, 0.2, None, True, False),
+    (32, 32, 15, 5, 23, 1, None, None, True, True),
+])
+def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in, leaky_out, bias, residual):
+    if c_out % VW or c_in % VW:
+        pytest.skip(f"{c_in}/{c_out} channels: not multiples of the vector width {VW}")
+    rng = np.random.default_rng(c_in + d + t)
+    x = rng.standard_normal((bsz, c_in, t)).astype(np.float32)
+    w = (rng.standard_normal((c_out, c_in, k)) / np.sqrt(c_in * k)).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32) if bias else None
+    r = rng.standard_normal((bsz, c_out, t)).astype(np.float32) if residual else None
+    xi = torch.from_numpy(x)
+    if leaky_in is not None:
+        xi = torch.nn.functional.leaky_relu(xi, leaky_in)
+    ref = torch.nn.functional.conv1d(xi, torch.from_numpy(w), None if b is None else torch.from_numpy(b),
+                                     padding=d * (k - 1) // 2, dilation=d)
+    if leaky_out is not None:
+        ref = torch.nn.functional.leaky_relu(ref, leaky_out)
+    ref = ref.numpy() + (r if residual else 0)
+    n = kernels.SPECTRAL_SIZE
+    ctx = pg.Context()
+    xt = ctx.new_tensor("f32", (c_in, t, bsz)).set_input()
+    wt = ctx.new_tensor("f32", (2 * c_out, c_in, n // 2)).set_input()
+    bt = ctx.new_tensor("f32", (c_out,)).set_input() if bias else None
+    rt = ctx.new_tensor("f32", (c_out, t, bsz)).set_input() if residual else None
+    y = kernels.spectral_conv1d(ctx, xt, wt, bt, k, d, n, leaky_in, leaky_out, rt)
+    feed = {xt: x.transpose(0, 2, 1), wt: kernels.spectral_weights(w, n)}
+    if bias:
+        feed[bt] = b
+    if residual:
+        feed[rt] = r.transpose(0, 2, 1)
+    cpu.compute(pg.Graph(ctx, y), feed)
+    got = y.get().reshape(bsz, t, c_out).transpose(0, 2, 1)
+    assert np.abs(ref).max() > 1
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_spectral_bad_shapes_are_python_errors():
+    ctx = pg.Context()
+    x = ctx.new_tensor("f32", (32, 100, 1))
+    w = ctx.new_tensor("f32", (64, 32, kernels.SPECTRAL_SIZE // 2))
+    with pytest.raises(pg.ShapeError, match="weight must be contiguous F32"):
+        kernels.spectral_conv1d(ctx, x, ctx.new_tensor("f32", (64, 16, 16)), None, 7)
+    with pytest.raises(pg.ShapeError, match="odd taps"):
+        kernels.spectral_conv1d(ctx, x, w, None, 8)
+    with pytest.raises(pg.ShapeError, match="odd taps"):
+        kernels.spectral_conv1d(ctx, x, w, None, 17)
+    with pytest.raises(pg.ShapeError, match="residual must be"):
+        kernels.spectral_conv1d(ctx, x, w, None, 7, residual=ctx.new_tensor("f32", (32, 99, 1)))
+    with pytest.raises(pg.ShapeError, match="taps do not fit"):
+        kernels.spectral_weights(np.zeros((4, 4, 40)), 32)
+
+
 def test_bad_shapes_are_python_errors():
     ctx = pg.Context()
     x = ctx.new_tensor("f32", (32, 100, 1))

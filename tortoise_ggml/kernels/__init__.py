@@ -1,5 +1,5 @@
 """tortoise-ggml's fused CPU kernels (conv_time_major.c, attend_cache.c, relpos_softmax.c, q8_matmul.c,
-group_norm.c), as ggml custom ops on a pyggml Context.
+group_norm.c, spectral_conv.c), as ggml custom ops on a pyggml Context.
 
     from tortoise_ggml import kernels
     if kernels.usable(backend, channels):
@@ -39,6 +39,13 @@ void tg_f32_matmul(void * dst, int ith, int nth, void * userdata);
 int tg_f32_matmul_available(void);
 struct tg_group_norm_params { int32_t groups; int32_t silu; float eps; };
 void tg_group_norm(void * dst, int ith, int nth, void * userdata);
+struct tg_spectral_params { int32_t n; int32_t taps; int32_t dilation; int32_t pad; int32_t leaky_in; float slope_in;
+                            int32_t leaky_out; float slope_out; int32_t bias; int32_t residual; };
+int64_t tg_spectral_blocks(int32_t n, int32_t taps, int32_t dilation, int64_t t, int64_t batch);
+int tg_spectral_max_channels(void);
+void tg_spectrum(void * dst, int ith, int nth, void * userdata);
+void tg_spectral_matmul(void * dst, int ith, int nth, void * userdata);
+void tg_unspectrum(void * dst, int ith, int nth, void * userdata);
 """)
 
 
@@ -324,6 +331,68 @@ def group_norm(ctx: Context, x: Tensor, gamma: Tensor, beta: Tensor, groups: int
                                          eps=float(eps)))
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# spectral convolution (spectral_conv.c)
+# ------------------------------------------------------------------------------------------------------------------
+SPECTRAL_SIZE = 32  # FFT points per block: 2.8 C^2 per sample at 11 taps (direct: 11 C^2), 2.4 at 7
+
+
+def spectral_fits(backend, c_in: int, c_out: int, taps: int, n: int = SPECTRAL_SIZE) -> bool:
+    """Whether ``spectral_conv1d`` takes a convolution of these sizes on ``backend``, and is worth it: the kernels
+    usable for both channel counts (at most ``tg_spectral_max_channels``), and a kernel long enough (5 taps or more)
+    that an ``n``-point block's frequency-domain product (~4 (n/2) / (n - taps + 1) C^2 per sample) beats the
+    direct taps C^2 by more than the transforms cost."""
+    return (usable(backend, c_in, c_out) and 5 <= taps <= n // 2
+            and max(c_in, c_out) <= int(_lib.tg_spectral_max_channels()))
+
+
+def spectral_weights(w, n: int = SPECTRAL_SIZE):
+    """A Conv1d weight (C_out, C_in, taps) in spectral_conv1d's layout: float32 (n/2, C_in, 2*C_out), slot f
+    holding the real then imaginary parts of conj(DFT_n(w)) / (2n) at bin f (slot 0: bins 0 and n/2), computed in
+    float64."""
+    import numpy as np
+    w = np.asarray(w, dtype=np.float64)
+    c_out, c_in, taps = w.shape
+    if not 1 <= taps <= n:
+        raise ShapeError(f"spectral_weights: {taps} taps do not fit {n}-point blocks")
+    spec = np.conj(np.fft.rfft(w, n, axis=2)) / (2 * n)            # (C_out, C_in, n/2 + 1)
+    out = np.empty((n // 2, c_in, 2, c_out), dtype=np.float64)
+    out[:, :, 0] = spec[:, :, :n // 2].real.transpose(2, 1, 0)
+    out[:, :, 1] = spec[:, :, :n // 2].imag.transpose(2, 1, 0)
+    out[0, :, 1] = spec[:, :, n // 2].real.T                        # slot 0: bin n/2 in the imaginary place
+    return out.reshape(n // 2, c_in, 2 * c_out).astype(np.float32)
+
+
+def spectral_conv1d(ctx: Context, x: Tensor, w: Tensor, bias: Tensor | None, taps: int, dilation: int = 1,
+                    n: int = SPECTRAL_SIZE, leaky_in: float | None = None, leaky_out: float | None = None,
+                    residual: Tensor | None = None) -> Tensor:
+    """The 'same' convolution (stride 1, zero padding dilation*(taps-1)/2 each side) of time-major x ne (C_in, T,
+    B) by FFT: ne (C_out, T, B) = leaky_out(bias + conv(leaky_in(x))) (+ residual), each leaky ReLU (given its
+    slope) optional. w: ``spectral_weights`` of the Conv1d weight, F32 ne (2*C_out, C_in, n/2). Three ops: the
+    blocks' spectra, one complex product per frequency, and the inverse with the epilogue."""
+    c_in, length, batch = x.ne[0], x.ne[1], x.ne[2]
+    _check_input(x, c_in, "spectral_conv1d")
+    c_out = w.ne[0] // 2
+    if (w.type.name != "F32" or not w.is_contiguous or w.ne[:3] != (2 * c_out, c_in, n // 2) or w.ne[3] != 1
+            or n & (n - 1) or not 1 <= taps <= n // 2 or taps % 2 == 0):
+        raise ShapeError(f"spectral_conv1d: weight must be contiguous F32 ne (2*C_out, {c_in}, {n // 2}) for odd "
+                         f"taps <= {n // 2}, got {w!r} ({taps} taps)")
+    if bias is not None and (bias.type.name != "F32" or bias.ne[:1] != (c_out,) or not bias.is_contiguous):
+        raise ShapeError(f"spectral_conv1d: bias must be contiguous F32 ne ({c_out},), got {bias!r}")
+    if residual is not None and (residual.type.name != "F32" or residual.ne[:3] != (c_out, length, batch)
+                                 or residual.nb[0] != 4):
+        raise ShapeError(f"spectral_conv1d: residual must be F32 ne ({c_out}, {length}, {batch}), got {residual!r}")
+    ud = _userdata("tg_spectral_params", n=int(n), taps=int(taps), dilation=int(dilation),
+                   pad=int(dilation * (taps - 1) // 2), leaky_in=leaky_in is not None, slope_in=leaky_in or 0.0,
+                   leaky_out=leaky_out is not None, slope_out=leaky_out or 0.0, bias=bias is not None,
+                   residual=residual is not None)
+    blocks = int(_lib.tg_spectral_blocks(n, taps, dilation, length, batch))
+    spectrum = ctx.custom(_fn("tg_spectrum"), [x], (2 * c_in, blocks, n // 2), userdata=ud)
+    product = ctx.custom(_fn("tg_spectral_matmul"), [w, spectrum], (2 * c_out, blocks, n // 2), userdata=ud)
+    args = [product] + [t for t in (bias, residual) if t is not None]
+    return ctx.custom(_fn("tg_unspectrum"), args, (c_out, length, batch), userdata=ud)
+
+
 __all__ = ["available", "usable", "vector_width", "choose", "choose_for", "attend_cache_fits", "conv1d", "lvc_gated",
            "attend_cache", "relpos_softmax", "im2col", "q8_matmul_fits", "f32_matmul_fits", "f32_matmul", "q8_pack",
-           "q8_matmul", "group_norm"]
+           "q8_matmul", "group_norm", "SPECTRAL_SIZE", "spectral_fits", "spectral_weights", "spectral_conv1d"]
