@@ -149,7 +149,7 @@ def test_forward_step_reduced_types(small_ckpt_dir, small_gguf_q8, tmp_path_fact
                                     inputs, qtype, fused):
     """f16 / q8_0 files store the convolution kernels flattened, as matrices (q8_0 ones in the AMX layout where
     the CPU has it): one step stays close to the reference's, through the CPU kernels (q8_matmul where AVX-512
-    VNNI runs it) and through plain ggml ops. (The two q8_0 paths differ from each other by ~1e-2 relative, as
+    VNNI or AVX2 runs it) and through plain ggml ops. (The two q8_0 paths differ from each other by ~1e-2 relative, as
     each does from the reference: a float rounding apart before an activation is quantized moves it a whole
     q8_0 step, and the random small model amplifies that; with f32 weights they agree to ~1e-6.)"""
     from tortoise_ggml.convert import convert

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="tortoise_ggml kernels library not built")
 q8 = pytest.mark.skipif(not kernels.available() or not kernels._lib.tg_q8_matmul_available(),
-                        reason="q8_matmul needs AVX-512 VNNI")
+                        reason="q8_matmul needs AVX-512 VNNI or AVX2")
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1thread", "2threads"])
@@ -94,7 +94,7 @@ def test_f32_matmul_matches_numpy(cpu, m, k, t, bsz, bias, residual, wtype):
     """F32 both sides (an F16 weight is widened exactly: numpy gets the same rounded weights), other summation
     orders: tolerance 1e-5 relative to the largest output (measured ~1e-6)."""
     if not kernels._lib.tg_f32_matmul_available():
-        pytest.skip("f32_matmul needs AVX-512")
+        pytest.skip("f32_matmul needs AVX-512 or AVX2")
     rng = np.random.default_rng(m + k + t)
     w = (rng.standard_normal((m, k)) * 0.1).astype(np.float32)
     if wtype == "f16":
@@ -117,7 +117,7 @@ def test_f32_matmul_batched_matches_mul_mat(cpu, k, m, n, heads, batch):
     """Attention's products (a weight per head and batch entry), as ggml's mul_mat computes them: tolerance 1e-5
     relative to the largest output (other summation orders)."""
     if not kernels._lib.tg_f32_matmul_available():
-        pytest.skip("f32_matmul needs AVX-512")
+        pytest.skip("f32_matmul needs AVX-512 or AVX2")
     rng = np.random.default_rng(k + m + n)
     w = rng.standard_normal((batch, heads, m, k)).astype(np.float32)
     x = rng.standard_normal((batch, heads, n, k)).astype(np.float32)

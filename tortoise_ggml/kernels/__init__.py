@@ -234,7 +234,7 @@ def im2col(ctx: Context, x: Tensor, taps: int) -> Tensor:
 
 def q8_matmul_fits(w: Tensor) -> bool:
     """Whether q8_matmul takes weight ``w`` (on a backend where ``usable`` holds): a plain Q8_0 matrix (not in a
-    repacked layout) with a multiple of 16 rows, and the kernels built for AVX-512 VNNI."""
+    repacked layout) with a multiple of 16 rows, and the kernels built for AVX-512 VNNI or AVX2."""
     return (_lib is not None and bool(_lib.tg_q8_matmul_available()) and w.type.name == "Q8_0"
             and w.matmul_layout is None and w.ne[1] % 16 == 0 and w.ne[0] % 32 == 0 and w.ne[2] == 1
             and w.ne[3] == 1 and w.is_contiguous)
@@ -242,7 +242,7 @@ def q8_matmul_fits(w: Tensor) -> bool:
 
 def f32_matmul_fits(w: Tensor) -> bool:
     """Whether f32_matmul takes weight ``w`` (on a backend where ``usable`` holds): contiguous F32 or F16 matrices
-    (one, or a batch over ne[2], ne[3]) with a multiple of 16 rows, and the kernels built for AVX-512."""
+    (one, or a batch over ne[2], ne[3]) with a multiple of 16 rows, and the kernels built for AVX-512 or AVX2."""
     return (_lib is not None and bool(_lib.tg_f32_matmul_available()) and w.type.name in ("F32", "F16")
             and w.ne[1] % 16 == 0 and w.is_contiguous)
 
@@ -261,7 +261,7 @@ def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None
     """w @ cols (+ bias) (+ residual) for an F32 or F16 weight ne (K, M) (F16 widened exactly; the products in F32)
     and contiguous F32 columns ne (K, T, B) (time-major data, or im2col's): F32 ne (M, T, B). Or a batch, as
     mul_mat: weights ne (K, M, H, B) and columns ne (K, N, H, B) -> ne (M, N, H, B) (no bias or residual)."""
-    _need(_lib is not None and bool(_lib.tg_f32_matmul_available()), "f32_matmul", "AVX-512")
+    _need(_lib is not None and bool(_lib.tg_f32_matmul_available()), "f32_matmul", "AVX-512 or AVX2")
     k, m = w.ne[0], w.ne[1]
     batched = w.ne[2] * w.ne[3] > 1
     if w.type.name not in ("F32", "F16") or m % 16 or not w.is_contiguous:
@@ -282,7 +282,7 @@ def f32_matmul(ctx: Context, w: Tensor, cols: Tensor, bias: Tensor | None = None
 def q8_pack(ctx: Context, x: Tensor, taps: int = 1) -> Tensor:
     """im2col(x, taps) quantized for q8_matmul (exactly as ggml quantizes activations for a Q8_0 product):
     I8 ne (bytes per column, T, B)."""
-    _need(_lib is not None and bool(_lib.tg_q8_matmul_available()), "q8_pack", "AVX-512 VNNI")
+    _need(_lib is not None and bool(_lib.tg_q8_matmul_available()), "q8_pack", "AVX-512 VNNI or AVX2")
     _check_time_major(x, "q8_pack")
     taps = _taps(taps, "q8_pack")
     k = x.ne[0] * taps
@@ -296,7 +296,7 @@ def q8_matmul(ctx: Context, w: Tensor, packed: Tensor, k: int, bias: Tensor | No
               residual: Tensor | None = None) -> Tensor:
     """w @ columns (+ bias) (+ residual) for a Q8_0 weight ne (K, M) and columns packed by q8_pack (K = ``k``
     values each): F32 ne (M, T, B), time-major. ``residual``: F32 ne (M, T, B)."""
-    _need(_lib is not None and bool(_lib.tg_q8_matmul_available()), "q8_matmul", "AVX-512 VNNI")
+    _need(_lib is not None and bool(_lib.tg_q8_matmul_available()), "q8_matmul", "AVX-512 VNNI or AVX2")
     m = w.ne[1]
     if w.type.name != "Q8_0" or w.ne[0] != k or m % 16 or w.matmul_layout is not None or not w.is_contiguous:
         raise ShapeError(f"q8_matmul: weight must be a plain contiguous Q8_0 matrix ne ({k}, M), M a multiple of 16, "

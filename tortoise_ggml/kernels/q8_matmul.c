@@ -39,6 +39,22 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TG_Q8 1
+#define TG_Q8_ROWS 32  // weight rows per panel: 2 x 16 lanes
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// AVX2 (no VNNI): 8 rows per panel, products by VPMADDUBSW on |w| and sign(w)*x (see tile8)
+#include <immintrin.h>
+#define TG_Q8 1
+#define TG_Q8_AVX2 1
+#define TG_Q8_ROWS 8
+#endif
+#if defined(__AVX512F__)
+#define TG_F32 1
+#define TG_F32_ROWS 32
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TG_F32 1
+#define TG_F32_AVX2 1
+#define TG_F32_ROWS 16  // 2 x 8 lanes
 #endif
 
 #include "ggml.h"
@@ -111,7 +127,7 @@ void tg_im2col(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
-#ifdef TG_Q8
+#if defined(TG_Q8) && !defined(TG_Q8_AVX2)
 // quantize_row_q8_0's arithmetic for one 32-block, the scale rounded through F16 as block_q8_0 stores it
 static void quantize_block(const float * v, int8_t * q, float * d, int32_t * corr) {
     const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
@@ -128,6 +144,40 @@ static void quantize_block(const float * v, int8_t * q, float * d, int32_t * cor
     const __m512i sa = _mm512_min_epi32(_mm512_max_epi32(qa, lo), hi);
     const __m512i sb = _mm512_min_epi32(_mm512_max_epi32(qb, lo), hi);
     *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(sa, sb));
+}
+#elif defined(TG_Q8_AVX2)
+// quantize_row_q8_0's AVX2 arithmetic for one 32-block (max |v| by halves, scale through F16, multiply by 127/max,
+// round to nearest even, pack with saturation)
+static void quantize_block(const float * v, int8_t * q, float * d, int32_t * corr) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 x[4];
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        x[i] = _mm256_loadu_ps(v + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    *d = _cvtsh_ss(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256 mul = _mm256_set1_ps(id);
+    __m256i qi[4];
+    for (int i = 0; i < 4; i++) {
+        qi[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x[i], mul), _MM_FROUND_TO_NEAREST_INT));
+    }
+    const __m256i lo = _mm256_set1_epi32(-128), hi = _mm256_set1_epi32(127);
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) sum = _mm256_add_epi32(sum, _mm256_min_epi32(_mm256_max_epi32(qi[i], lo), hi));
+    const __m256i p01 = _mm256_packs_epi32(qi[0], qi[1]), p23 = _mm256_packs_epi32(qi[2], qi[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *) q, bytes);
+    __m128i s4 = _mm_add_epi32(_mm256_extracti128_si256(sum, 1), _mm256_castsi256_si128(sum));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    *corr = -128 * _mm_cvtsi128_si32(s4);  // unused by the AVX2 product; kept so the packed layout is one
 }
 #endif
 
@@ -165,7 +215,7 @@ static inline __attribute__((always_inline)) void store_column(const int ni, __m
 }
 #endif
 
-#ifdef TG_Q8
+#if defined(TG_Q8) && !defined(TG_Q8_AVX2)
 #define NR 6  // activation columns per tile: with 2 row groups, 12 integer + 12 float accumulators
 
 typedef struct {
@@ -271,6 +321,112 @@ static void tiles(int ni, int nr, const uint8_t * wq, const float * wd, int64_t 
         switch (nr) { TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4) TILE_CASE(1, 5) TILE_CASE(1, 6) }
     }
 }
+
+// the panel of rows [r0, r0 + 32) (16 where M ends first) and every column tile against it
+static void q8_rows(const struct ggml_tensor * w, int64_t r0, int64_t m, int64_t nb, uint8_t * wq, float * wd,
+                    const uint8_t * xc, size_t xs, int64_t n, int64_t k, float * dst, size_t ldd, const float * bias,
+                    const float * res) {
+    const int ni = r0 + 32 <= m ? 2 : 1;
+    pack_panel(w, r0, ni, nb, wq, wd);
+    for (int64_t c0 = 0; c0 < n; c0 += NR) {
+        const int nr = n - c0 < NR ? (int) (n - c0) : NR;
+        tiles(ni, nr, wq, wd, nb, xc + c0 * xs, xs, k, dst + c0 * ldd, ldd, bias, res ? res + c0 * ldd : NULL);
+    }
+}
+#endif
+
+#ifdef TG_Q8_AVX2
+#define NR8 4  // activation columns per tile: 4 integer + 4 float accumulators, the weights, their magnitudes
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[QK];
+} block_q8;
+
+// rows [r0, r0 + 8) of the Q8_0 weight into the panel: wq[(b*8 + g)*32 + l*4 + e] = w[r0 + l][b*32 + g*4 + e]
+// (signed), wd[b*8 + l] = the scale of row l's block b; the 8 x 8 dwords of a block transposed in registers
+static void pack_panel8(const struct ggml_tensor * w, int64_t r0, int64_t nb, uint8_t * wq, float * wd) {
+    const block_q8 * rows[8];
+    for (int l = 0; l < 8; l++) rows[l] = (const block_q8 *) ((const char *) w->data + (r0 + l) * w->nb[1]);
+    for (int64_t b = 0; b < nb; b++) {
+        uint16_t d[8];
+        __m256i a[8], t[8], u[8];
+        for (int l = 0; l < 8; l++) {
+            d[l] = rows[l][b].d;
+            a[l] = _mm256_loadu_si256((const __m256i *) rows[l][b].qs);
+        }
+        _mm256_storeu_ps(wd + b * 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) d)));
+        for (int p = 0; p < 4; p++) {
+            t[2 * p] = _mm256_unpacklo_epi32(a[2 * p], a[2 * p + 1]);
+            t[2 * p + 1] = _mm256_unpackhi_epi32(a[2 * p], a[2 * p + 1]);
+        }
+        for (int h = 0; h < 2; h++) {  // rows 0-3 (h = 0) and 4-7
+            u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);  // dwords 0 | 4
+            u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);  // 1 | 5
+            u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);  // 2 | 6
+            u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);  // 3 | 7
+        }
+        uint8_t * out = wq + b * 8 * 32;
+        for (int g = 0; g < 4; g++) {
+            _mm256_store_si256((__m256i *) (out + g * 32), _mm256_permute2x128_si256(u[g], u[g + 4], 0x20));
+            _mm256_store_si256((__m256i *) (out + (g + 4) * 32), _mm256_permute2x128_si256(u[g], u[g + 4], 0x31));
+        }
+    }
+}
+
+// out[j*ldd + l] (8 rows x nr columns) = sum over blocks of float(idot) * d_w * d_x (+ bias) (+ res). The integer
+// dot of 4 weights and 4 activations per lane: VPMADDUBSW(|w|, sign(w) * x) (pairs of products <= 2 * 127^2, no
+// saturation: both sides are within [-127, 127]), VPMADDWD by ones to 32 bits
+static inline __attribute__((always_inline)) void tile8(const int nr, const uint8_t * wq, const float * wd,
+                                                         int64_t nb, const uint8_t * xc, size_t xs, int64_t k,
+                                                         float * out, size_t ldd, const float * bias,
+                                                         const float * res) {
+    __m256 fa[NR8];
+    const float * xd[NR8];
+    for (int j = 0; j < NR8; j++) fa[j] = _mm256_setzero_ps();
+    for (int j = 0; j < nr; j++) xd[j] = (const float *) (xc + j * xs + k);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i ia[NR8];
+        for (int j = 0; j < nr; j++) ia[j] = _mm256_setzero_si256();
+        const uint8_t * wb = wq + b * 8 * 32;
+        const uint8_t * xb = xc + b * QK;
+        _Pragma("GCC unroll 2") for (int g = 0; g < 8; g++) {
+            const __m256i wv = _mm256_load_si256((const __m256i *) (wb + g * 32));
+            const __m256i aw = _mm256_sign_epi8(wv, wv);
+            _Pragma("GCC unroll 4") for (int j = 0; j < nr; j++) {
+                int32_t xv;
+                memcpy(&xv, xb + j * xs + g * 4, 4);
+                const __m256i sx = _mm256_sign_epi8(_mm256_set1_epi32(xv), wv);
+                ia[j] = _mm256_add_epi32(ia[j], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
+            }
+        }
+        const __m256 dw = _mm256_loadu_ps(wd + b * 8);
+        for (int j = 0; j < nr; j++) {
+            const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b]));
+            fa[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[j]), sc, fa[j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        __m256 v = fa[j];
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
+        if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res + j * ldd));
+        _mm256_storeu_ps(out + j * ldd, v);
+    }
+}
+
+#define TILE8_CASE(N) \
+    case N: tile8(N, wq, wd, nb, xc + c0 * xs, xs, k, dst + c0 * ldd, ldd, bias, res ? res + c0 * ldd : NULL); break;
+
+static void q8_rows(const struct ggml_tensor * w, int64_t r0, int64_t m, int64_t nb, uint8_t * wq, float * wd,
+                    const uint8_t * xc, size_t xs, int64_t n, int64_t k, float * dst, size_t ldd, const float * bias,
+                    const float * res) {
+    (void) m;
+    pack_panel8(w, r0, nb, wq, wd);
+    for (int64_t c0 = 0; c0 < n; c0 += NR8) {
+        switch (n - c0 < NR8 ? (int) (n - c0) : NR8) { TILE8_CASE(1) TILE8_CASE(2) TILE8_CASE(3) TILE8_CASE(4) }
+    }
+}
 #endif
 
 void tg_q8_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -282,25 +438,19 @@ void tg_q8_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * rt = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
     const int64_t k = w->ne[0], m = w->ne[1], nb = k / QK, n = xp->ne[1] * xp->ne[2];
     const size_t xs = xp->nb[1], ldd = m;
-    // row tiles of 32 (a last one of 16 where M is an odd multiple of 16), dealt round robin to the threads
-    const int64_t n_tiles = (m + 31) / 32;
+    // row tiles of TG_Q8_ROWS (AVX-512: a last one of 16 where M is an odd multiple of 16), dealt round robin to
+    // the threads
+    const int64_t n_tiles = (m + TG_Q8_ROWS - 1) / TG_Q8_ROWS;
     uint8_t * wq = NULL;
     float * wd = NULL;
     for (int64_t rt_i = ith; rt_i < n_tiles; rt_i += nth) {
-        const int64_t r0 = rt_i * 32;
-        const int ni = r0 + 32 <= m ? 2 : 1;
+        const int64_t r0 = rt_i * TG_Q8_ROWS;
         if (!wq) {
-            wq = scratch((size_t) nb * 8 * 2 * 64);
-            wd = scratch((size_t) nb * 2 * 16 * sizeof(float));
+            wq = scratch((size_t) nb * QK * TG_Q8_ROWS);
+            wd = scratch((size_t) nb * TG_Q8_ROWS * sizeof(float));
         }
-        pack_panel(w, r0, ni, nb, wq, wd);
-        const float * bias = bt ? (const float *) bt->data + r0 : NULL;
-        for (int64_t c0 = 0; c0 < n; c0 += NR) {
-            const int nr = n - c0 < NR ? (int) (n - c0) : NR;
-            float * out = (float *) dst->data + c0 * ldd + r0;
-            const float * res = rt ? (const float *) rt->data + c0 * ldd + r0 : NULL;
-            tiles(ni, nr, wq, wd, nb, (const uint8_t *) xp->data + c0 * xs, xs, k, out, ldd, bias, res);
-        }
+        q8_rows(w, r0, m, nb, wq, wd, (const uint8_t *) xp->data, xs, n, k, (float *) dst->data + r0, ldd,
+                bt ? (const float *) bt->data + r0 : NULL, rt ? (const float *) rt->data + r0 : NULL);
     }
     free(wq);
     free(wd);
@@ -400,10 +550,109 @@ static void tiles_f32(int ni, int nr, const float * wp, int64_t k, const float *
         switch (nr) { TILE_F32_CASES(1) }
     }
 }
+
+// the panel of rows [r0, r0 + 32) (16 where M ends first) and every column tile against it
+static void f32_rows(const struct ggml_tensor * w, const char * wb, int64_t r0, int64_t m, int64_t k, float * wp,
+                     const float * xb, size_t xs, int64_t n, float * db, size_t ldd, const float * bias,
+                     const float * res) {
+    const int ni = r0 + 32 <= m ? 2 : 1;
+    pack_panel_f32(w, wb, r0, ni, k, wp);
+    for (int64_t c0 = 0; c0 < n; c0 += NRF) {
+        const int nr = n - c0 < NRF ? (int) (n - c0) : NRF;
+        tiles_f32(ni, nr, wp, k, xb + c0 * xs, xs, db + c0 * ldd, ldd, bias, res ? res + c0 * ldd : NULL);
+    }
+}
+#elif defined(TG_F32_AVX2)
+#define NRF8 6  // columns per tile: 2 x 6 accumulators, the 2 weight vectors, a broadcast
+
+// rows [r0, r0 + 16) of an F32 or F16 weight into the panel: wp[kk*16 + l] = w[r0 + l][kk], 8x8 blocks
+// transposed in registers
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) {
+        r[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0x44);
+        r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0xee);
+        r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+        r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x20);
+        t[4 + i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x31);
+    }
+    for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+
+static void pack_panel_f32(const struct ggml_tensor * w, const char * wb, int64_t r0, int64_t k, float * wp) {
+    const int f16 = w->type == GGML_TYPE_F16;
+    for (int i = 0; i < 2; i++) {
+        const char * rows = wb + (r0 + 8 * i) * w->nb[1];
+        int64_t kk = 0;
+        for (; kk + 8 <= k; kk += 8) {
+            __m256 r[8];
+            for (int l = 0; l < 8; l++) {
+                const char * row = rows + l * w->nb[1];
+                r[l] = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) row + kk)))
+                           : _mm256_loadu_ps((const float *) row + kk);
+            }
+            transpose8(r);
+            for (int j = 0; j < 8; j++) _mm256_store_ps(wp + (kk + j) * 16 + 8 * i, r[j]);
+        }
+        for (; kk < k; kk++) {
+            for (int l = 0; l < 8; l++) {
+                const char * row = rows + l * w->nb[1];
+                wp[kk * 16 + 8 * i + l] = f16 ? _cvtsh_ss(((const uint16_t *) row)[kk]) : ((const float *) row)[kk];
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_f32_8(const int nr, const float * wp, int64_t k,
+                                                              const float * xc, size_t xs, float * out, size_t ldd,
+                                                              const float * bias, const float * res) {
+    __m256 acc[2][NRF8];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < NRF8; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        const __m256 w0 = _mm256_load_ps(wp + kk * 16), w1 = _mm256_load_ps(wp + kk * 16 + 8);
+        _Pragma("GCC unroll 6") for (int j = 0; j < nr; j++) {
+            const __m256 xv = _mm256_broadcast_ss(xc + j * xs + kk);
+            acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
+            acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        for (int i = 0; i < 2; i++) {
+            __m256 v = acc[i][j];
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * i));
+            if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res + j * ldd + 8 * i));
+            _mm256_storeu_ps(out + j * ldd + 8 * i, v);
+        }
+    }
+}
+
+#define TILE_F32_8_CASE(N) \
+    case N: tile_f32_8(N, wp, k, xb + c0 * xs, xs, db + c0 * ldd, ldd, bias, res ? res + c0 * ldd : NULL); break;
+
+static void f32_rows(const struct ggml_tensor * w, const char * wb, int64_t r0, int64_t m, int64_t k, float * wp,
+                     const float * xb, size_t xs, int64_t n, float * db, size_t ldd, const float * bias,
+                     const float * res) {
+    (void) m;
+    pack_panel_f32(w, wb, r0, k, wp);
+    for (int64_t c0 = 0; c0 < n; c0 += NRF8) {
+        switch (n - c0 < NRF8 ? (int) (n - c0) : NRF8) {
+            TILE_F32_8_CASE(1) TILE_F32_8_CASE(2) TILE_F32_8_CASE(3) TILE_F32_8_CASE(4) TILE_F32_8_CASE(5)
+            TILE_F32_8_CASE(6)
+        }
+    }
+}
 #endif
 
 int tg_f32_matmul_available(void) {
-#if defined(__AVX512F__)
+#ifdef TG_F32
     return 1;
 #else
     return 0;
@@ -411,7 +660,7 @@ int tg_f32_matmul_available(void) {
 }
 
 void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-#if defined(__AVX512F__)
+#ifdef TG_F32
     const struct tg_q8_params * p = userdata;
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
@@ -423,24 +672,17 @@ void tg_f32_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) 
     const int64_t batches = w->ne[2] * w->ne[3];
     const int64_t n = batches > 1 ? x->ne[1] : x->ne[1] * x->ne[2] * x->ne[3];
     const size_t xs = x->nb[1] / sizeof(float), ldd = m;
-    const int64_t n_tiles = (m + 31) / 32;
+    const int64_t n_tiles = (m + TG_F32_ROWS - 1) / TG_F32_ROWS;
     float * wp = NULL;
     for (int64_t job = ith; job < batches * n_tiles; job += nth) {
         const int64_t bi = job / n_tiles, b2 = bi % w->ne[2], b3 = bi / w->ne[2];
-        const int64_t r0 = (job % n_tiles) * 32;
-        const int ni = r0 + 32 <= m ? 2 : 1;
+        const int64_t r0 = (job % n_tiles) * TG_F32_ROWS;
         const char * wb = (const char *) w->data + b2 * w->nb[2] + b3 * w->nb[3];
         const float * xb = (const float *) ((const char *) x->data + (batches > 1 ? b2 * x->nb[2] + b3 * x->nb[3] : 0));
         float * db = (float *) dst->data + bi * n * ldd;
-        if (!wp) wp = scratch((size_t) k * 32 * sizeof(float));
-        pack_panel_f32(w, wb, r0, ni, k, wp);
-        const float * bias = bt ? (const float *) bt->data + r0 : NULL;
-        for (int64_t c0 = 0; c0 < n; c0 += NRF) {
-            const int nr = n - c0 < NRF ? (int) (n - c0) : NRF;
-            float * out = db + c0 * ldd + r0;
-            const float * res = rt ? (const float *) rt->data + c0 * ldd + r0 : NULL;
-            tiles_f32(ni, nr, wp, k, xb + c0 * xs, xs, out, ldd, bias, res);
-        }
+        if (!wp) wp = scratch((size_t) k * TG_F32_ROWS * sizeof(float));
+        f32_rows(w, wb, r0, m, k, wp, xb, xs, n, db + r0, ldd, bt ? (const float *) bt->data + r0 : NULL,
+                 rt ? (const float *) rt->data + r0 : NULL);
     }
     free(wp);
 #else

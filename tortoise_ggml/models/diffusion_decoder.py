@@ -9,7 +9,7 @@ Inference-only: dropout, layer drop, the training-time unconditioned batches and
 
 Layouts follow tortoise_ggml.layers: the conditioning paths run on channel data ne (T, C, B) (the memory of torch's
 (B, C, T)); the step's trunk runs on sequence data ne (C, T, B) throughout, where its attention and 1x1 convolutions
-need no transposes and, on the CPU, the fused kernels take the norms, the Q8_0 products (AVX-512 VNNI) and the
+need no transposes and, on the CPU, the fused kernels take the norms, the Q8_0 products (AVX-512 VNNI or AVX2) and the
 residual adds. Numpy arrays in and out have the reference's shapes.
 
 One sampling step calls ``forward`` on a batch that holds both the conditioned and the conditioning-free entry

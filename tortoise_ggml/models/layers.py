@@ -15,7 +15,8 @@ from pyggml import Context, ShapeError, Tensor
 from .. import kernels
 
 # measured at the AR's full size (2 threads, AVX-512 VNNI), a decode step with ggml's dot products vs q8_matmul:
-# batch 1 13 vs 37 ms, batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms
+# batch 1 13 vs 37 ms, batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms; on a Zen 3 (AVX2, the
+# product by VPMADDUBSW): batch 2 34 vs 32 ms, batch 4 46 vs 40 ms, batch 16 124 vs 89 ms
 Q8_MIN_COLUMNS = 2
 # and for F32/F16 weights (tinyBLAS vs f32_matmul), f16 / f32 files: batch 8 44 vs 40 / 55 vs 61 ms, batch 16
 # 78 vs 59 / 113 vs 77 ms, an 80-token prefill 190-200 vs 156-166 / 217-231 vs 187-225 ms
