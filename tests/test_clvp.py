@@ -72,8 +72,8 @@ def test_text_per_candidate_and_chunks(model_file, reference):
 @pytest.mark.parametrize("fused", [None, False], ids=["cpu_kernels", "plain_ggml"])
 def test_q8_0_weights_score_close(small_gguf_q8, backend, reference, oracle, fused):
     """q8_0 matrices (activations quantised too, in kernels.q8_matmul on AVX-512 VNNI or AVX2 CPUs, else ggml's q8_0
-    matmul): within 2e-2 of the reference's scores (measured 2e-3 to 5e-3 on scores of magnitude 0.1 to 0.4); f32 is what
-    the parity tests above hold exact."""
+    matmul): within 2e-2 of the reference's scores (measured 2e-3 to 5e-3 on scores of magnitude 0.1 to 0.4); f32 is
+    what the parity tests above hold exact."""
     rng = np.random.default_rng(2)
     text = oracle.text_tokens_for().numpy()
     codes = rng.integers(0, 8192, (4, 300))
