@@ -25,7 +25,8 @@
 //             unnormalised inverse and the pairing's factor 2
 //   product   ne (2*C_out, blocks, N/2), as the spectrum
 //   y         ne (C_out, T, B) = act_out(bias + conv(act_in(x))) (+ residual ne (C_out, T, B))
-// Blocks run batch entry, phase, block: g = (b*d + phase)*per_phase + q, padded to an even count.
+// Blocks run batch entry, block, phase: g = (b*per_phase + q)*d + phase, padded to an even count, so that a
+// thread's run of blocks reads and writes one stretch of samples (all its phases) rather than every d-th sample.
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -74,8 +75,8 @@ static int block_of(const struct tg_spectral_params * p, int64_t t, int64_t batc
     if (g >= batch * p->dilation * pp) {
         return 0;  // the padding block of an odd count
     }
-    out->q = g % pp;
-    out->phase = (g / pp) % p->dilation;
+    out->phase = g % p->dilation;
+    out->q = (g / p->dilation) % pp;
     out->b = g / (pp * p->dilation);
     return 1;
 }
