@@ -155,6 +155,9 @@ def test_spectral_bad_shapes_are_python_errors():
         kernels.spectral_conv1d(ctx, x, w, None, 7, residual=ctx.new_tensor("f32", (32, 99, 1)))
     with pytest.raises(pg.ShapeError, match="taps do not fit"):
         kernels.spectral_weights(np.zeros((4, 4, 40)), 32)
+    for n in (24, 128):  # not a power of 2; past the kernel's FFT buffers
+        with pytest.raises(pg.ShapeError, match="weight must be"):
+            kernels.spectral_conv1d(ctx, x, ctx.new_tensor("f32", (64, 32, n // 2)), None, 7, n=n)
 
 
 def test_bad_shapes_are_python_errors():

@@ -42,7 +42,6 @@ void tg_group_norm(void * dst, int ith, int nth, void * userdata);
 struct tg_spectral_params { int32_t n; int32_t taps; int32_t dilation; int32_t pad; int32_t leaky_in; float slope_in;
                             int32_t leaky_out; float slope_out; int32_t bias; int32_t residual; };
 int64_t tg_spectral_blocks(int32_t n, int32_t taps, int32_t dilation, int64_t t, int64_t batch);
-int tg_spectral_max_channels(void);
 void tg_spectrum(void * dst, int ith, int nth, void * userdata);
 void tg_spectral_matmul(void * dst, int ith, int nth, void * userdata);
 void tg_unspectrum(void * dst, int ith, int nth, void * userdata);
@@ -335,15 +334,15 @@ def group_norm(ctx: Context, x: Tensor, gamma: Tensor, beta: Tensor, groups: int
 # spectral convolution (spectral_conv.c)
 # ------------------------------------------------------------------------------------------------------------------
 SPECTRAL_SIZE = 32  # FFT points per block: 2.8 C^2 per sample at 11 taps (direct: 11 C^2), 2.4 at 7
+SPECTRAL_MAX_SIZE = 64  # spectral_conv.c's MAX_N: its per-thread FFT buffers
 
 
 def spectral_fits(backend, c_in: int, c_out: int, taps: int, n: int = SPECTRAL_SIZE) -> bool:
     """Whether ``spectral_conv1d`` takes a convolution of these sizes on ``backend``, and is worth it: the kernels
-    usable for both channel counts (at most ``tg_spectral_max_channels``), and a kernel long enough (5 taps or more)
-    that an ``n``-point block's frequency-domain product (~4 (n/2) / (n - taps + 1) C^2 per sample) beats the
-    direct taps C^2 by more than the transforms cost."""
-    return (usable(backend, c_in, c_out) and 5 <= taps <= n // 2
-            and max(c_in, c_out) <= int(_lib.tg_spectral_max_channels()))
+    usable for both channel counts, and a kernel long enough (5 taps or more) that an ``n``-point block's
+    frequency-domain product (~4 (n/2) / (n - taps + 1) C^2 per sample) beats the direct taps C^2 by more than the
+    transforms and their memory passes cost (measured on HiFi-GAN: at 3 taps it does not)."""
+    return usable(backend, c_in, c_out) and 5 <= taps <= n // 2
 
 
 def spectral_weights(w, n: int = SPECTRAL_SIZE):
@@ -374,7 +373,7 @@ def spectral_conv1d(ctx: Context, x: Tensor, w: Tensor, bias: Tensor | None, tap
     _check_input(x, c_in, "spectral_conv1d")
     c_out = w.ne[0] // 2
     if (w.type.name != "F32" or not w.is_contiguous or w.ne[:3] != (2 * c_out, c_in, n // 2) or w.ne[3] != 1
-            or n & (n - 1) or not 1 <= taps <= n // 2 or taps % 2 == 0):
+            or not 4 <= n <= SPECTRAL_MAX_SIZE or n & (n - 1) or not 1 <= taps <= n // 2 or taps % 2 == 0):
         raise ShapeError(f"spectral_conv1d: weight must be contiguous F32 ne (2*C_out, {c_in}, {n // 2}) for odd "
                          f"taps <= {n // 2}, got {w!r} ({taps} taps)")
     if bias is not None and (bias.type.name != "F32" or bias.ne[:1] != (c_out,) or not bias.is_contiguous):

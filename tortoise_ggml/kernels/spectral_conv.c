@@ -273,8 +273,16 @@ void tg_spectral_matmul(struct ggml_tensor * dst, int ith, int nth, void * userd
     }
     const int64_t chunks = c_out / chunk, tiles = (blocks + CNT - 1) / CNT;
     const int64_t units = slots * chunks * tiles;  // tile fastest
-    float xpad[CNT * 2 * 1024];                   // a short last tile, zero-filled (C_in <= 1024 floats each)
-    float ypad[CNT * 2 * 1024];
+    // a short last tile runs on zero-filled copies
+    float * xpad = NULL;
+    float * ypad = NULL;
+    if (blocks % CNT) {
+        xpad = (float *) malloc(sizeof(float) * CNT * 2 * (size_t) c_in);
+        ypad = (float *) malloc(sizeof(float) * CNT * 2 * (size_t) c_out);
+        if (!xpad || !ypad) {
+            abort();  // a few KB: nothing sensible is left to do
+        }
+    }
     const size_t xstr = x->nb[1] / sizeof(float), ystr = dst->nb[1] / sizeof(float);
     for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
         const int64_t f = u / (chunks * tiles);
@@ -305,10 +313,9 @@ void tg_spectral_matmul(struct ggml_tensor * dst, int ith, int nth, void * userd
             }
         }
     }
+    free(xpad);
+    free(ypad);
 }
-
-// the largest channel count the product's scratch takes
-int tg_spectral_max_channels(void) { return 1024; }
 
 // back to samples: dst ne (C_out, T, B) from the product ne (2*C_out, blocks, N/2) (src[0]), then (as the params
 // say) the bias ne (C_out,) and a residual ne (C_out, T, B)
