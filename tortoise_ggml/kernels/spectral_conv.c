@@ -194,42 +194,27 @@ void tg_spectrum(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 // The product of slot f for NT blocks x MB vectors of complex output channels at o0: acc += W x (slot 0, `pair`:
 // real parts by the bin-0 weights, imaginary by the bin-n/2 ones).
-#define DEFINE_CTILE(MB, NT)                                                                                      \
-    static void ctile_##MB(const float * xs, size_t x_stride, int c_in, const float * w, int c_out, int o0,     \
-                           int pair, float * ys, size_t y_stride) {                                              \
+#define DEFINE_CTILE(NAME, MB, NT, PAIR)                                                                          \
+    static void NAME(const float * xs, size_t x_stride, int c_in, const float * w, int c_out, int o0, float * ys, \
+                     size_t y_stride) {                                                                           \
         vf accr[NT][MB], acci[NT][MB];                                                                            \
         for (int n = 0; n < NT; n++)                                                                              \
             for (int m = 0; m < MB; m++) accr[n][m] = acci[n][m] = (vf){0};                                       \
-        if (pair) {                                                                                               \
-            for (int i = 0; i < c_in; i++) {                                                                      \
-                const float * wi = w + (size_t) i * 2 * c_out + o0;                                               \
-                vf wr[MB], wm[MB];                                                                                \
-                for (int m = 0; m < MB; m++) {                                                                    \
-                    wr[m] = vload(wi + m * VW);                                                                   \
-                    wm[m] = vload(wi + c_out + m * VW);                                                           \
-                }                                                                                                 \
-                _Pragma("GCC unroll 16")                                                                          \
-                for (int n = 0; n < NT; n++) {                                                                    \
-                    const vf xr = vsplat(xs[n * x_stride + i]), xi = vsplat(xs[n * x_stride + c_in + i]);         \
-                    for (int m = 0; m < MB; m++) {                                                                \
-                        accr[n][m] += wr[m] * xr;                                                                 \
-                        acci[n][m] += wm[m] * xi;                                                                 \
-                    }                                                                                             \
-                }                                                                                                 \
+        for (int i = 0; i < c_in; i++) {                                                                          \
+            const float * wi = w + (size_t) i * 2 * c_out + o0;                                                   \
+            vf wr[MB], wm[MB];                                                                                    \
+            for (int m = 0; m < MB; m++) {                                                                        \
+                wr[m] = vload(wi + m * VW);                                                                       \
+                wm[m] = vload(wi + c_out + m * VW);                                                               \
             }                                                                                                     \
-        } else {                                                                                                  \
-            for (int i = 0; i < c_in; i++) {                                                                      \
-                const float * wi = w + (size_t) i * 2 * c_out + o0;                                               \
-                vf wr[MB], wm[MB];                                                                                \
+            _Pragma("GCC unroll 16")                                                                              \
+            for (int n = 0; n < NT; n++) {                                                                        \
+                const vf xr = vsplat(xs[n * x_stride + i]), xi = vsplat(xs[n * x_stride + c_in + i]);             \
                 for (int m = 0; m < MB; m++) {                                                                    \
-                    wr[m] = vload(wi + m * VW);                                                                   \
-                    wm[m] = vload(wi + c_out + m * VW);                                                           \
-                }                                                                                                 \
-                _Pragma("GCC unroll 16")                                                                          \
-                for (int n = 0; n < NT; n++) {                                                                    \
-                    const vf xr = vsplat(xs[n * x_stride + i]), xi = vsplat(xs[n * x_stride + c_in + i]);         \
-                    for (int m = 0; m < MB; m++) {                                                                \
-                        accr[n][m] += wr[m] * xr;                                                                 \
+                    accr[n][m] += wr[m] * xr;                                                                     \
+                    if (PAIR) {                                                                                   \
+                        acci[n][m] += wm[m] * xi;                                                                 \
+                    } else {                                                                                      \
                         acci[n][m] += wm[m] * xr;                                                                 \
                         accr[n][m] -= wm[m] * xi;                                                                 \
                         acci[n][m] += wr[m] * xi;                                                                 \
@@ -247,15 +232,12 @@ void tg_spectrum(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
 // 16 registers (AVX2): 12 accumulators, the two weight vectors and a broadcast; 32: twice the channels
 #if VREGS <= 16
 #define CMB 1
-#define CNT 6
-DEFINE_CTILE(1, CNT)
-#define CTILE ctile_1
 #else
 #define CMB 2
-#define CNT 6
-DEFINE_CTILE(2, CNT)
-#define CTILE ctile_2
 #endif
+#define CNT 6
+DEFINE_CTILE(ctile_complex, CMB, CNT, 0)
+DEFINE_CTILE(ctile_pair, CMB, CNT, 1)
 
 // product: dst ne (2*C_out, blocks, N/2) = weight ne (2*C_out, C_in, N/2) x spectrum ne (2*C_in, blocks, N/2)
 void tg_spectral_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -304,7 +286,7 @@ void tg_spectral_matmul(struct ggml_tensor * dst, int ith, int nth, void * userd
             ys_stride = 2 * c_out;
         }
         for (int o = o0; o < o0 + chunk; o += step) {
-            CTILE(xs, xs_stride, c_in, wf, c_out, o, f == 0, yt, ys_stride);
+            (f == 0 ? ctile_pair : ctile_complex)(xs, xs_stride, c_in, wf, c_out, o, yt, ys_stride);
         }
         if (nt < CNT) {
             for (int n = 0; n < nt; n++) {
