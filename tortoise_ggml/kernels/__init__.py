@@ -41,10 +41,7 @@ struct tg_group_norm_params { int32_t groups; int32_t silu; float eps; };
 void tg_group_norm(void * dst, int ith, int nth, void * userdata);
 struct tg_spectral_params { int32_t n; int32_t taps; int32_t dilation; int32_t pad; int32_t leaky_in; float slope_in;
                             int32_t leaky_out; float slope_out; int32_t bias; int32_t residual; };
-int64_t tg_spectral_blocks(int32_t n, int32_t taps, int32_t dilation, int64_t t, int64_t batch);
-void tg_spectrum(void * dst, int ith, int nth, void * userdata);
-void tg_spectral_matmul(void * dst, int ith, int nth, void * userdata);
-void tg_unspectrum(void * dst, int ith, int nth, void * userdata);
+void tg_spectral_conv(void * dst, int ith, int nth, void * userdata);
 """)
 
 
@@ -367,8 +364,9 @@ def spectral_conv1d(ctx: Context, x: Tensor, w: Tensor, bias: Tensor | None, tap
                     residual: Tensor | None = None) -> Tensor:
     """The 'same' convolution (stride 1, zero padding dilation*(taps-1)/2 each side) of time-major x ne (C_in, T,
     B) by FFT: ne (C_out, T, B) = leaky_out(bias + conv(leaky_in(x))) (+ residual), each leaky ReLU (given its
-    slope) optional. w: ``spectral_weights`` of the Conv1d weight, F32 ne (2*C_out, C_in, n/2). Three ops: the
-    blocks' spectra, one complex product per frequency, and the inverse with the epilogue."""
+    slope) optional. w: ``spectral_weights`` of the Conv1d weight, F32 ne (2*C_out, C_in, n/2). One op: each
+    thread takes groups of blocks through their spectra, one complex product per frequency and the inverse with
+    the epilogue, in buffers of its own (the spectra never reach memory)."""
     c_in, length, batch = x.ne[0], x.ne[1], x.ne[2]
     _check_input(x, c_in, "spectral_conv1d")
     c_out = w.ne[0] // 2
@@ -385,11 +383,8 @@ def spectral_conv1d(ctx: Context, x: Tensor, w: Tensor, bias: Tensor | None, tap
                    pad=int(dilation * (taps - 1) // 2), leaky_in=leaky_in is not None, slope_in=leaky_in or 0.0,
                    leaky_out=leaky_out is not None, slope_out=leaky_out or 0.0, bias=bias is not None,
                    residual=residual is not None)
-    blocks = int(_lib.tg_spectral_blocks(n, taps, dilation, length, batch))
-    spectrum = ctx.custom(_fn("tg_spectrum"), [x], (2 * c_in, blocks, n // 2), userdata=ud)
-    product = ctx.custom(_fn("tg_spectral_matmul"), [w, spectrum], (2 * c_out, blocks, n // 2), userdata=ud)
-    args = [product] + [t for t in (bias, residual) if t is not None]
-    return ctx.custom(_fn("tg_unspectrum"), args, (c_out, length, batch), userdata=ud)
+    args = [x, w] + [t for t in (bias, residual) if t is not None]
+    return ctx.custom(_fn("tg_spectral_conv"), args, (c_out, length, batch), userdata=ud)
 
 
 __all__ = ["available", "usable", "vector_width", "choose", "choose_for", "attend_cache_fits", "conv1d", "lvc_gated",

@@ -1,6 +1,6 @@
-// Spectral (FFT, overlap-save) convolution for HiFi-GAN's long dilated 'same' convolutions, as three ggml custom
-// ops: tg_spectrum (blocks of the input to the frequency domain), tg_spectral_matmul (one complex C_out x C_in
-// product per frequency) and tg_unspectrum (back to time-major samples, with the epilogue).
+// Spectral (FFT, overlap-save) convolution for HiFi-GAN's long dilated 'same' convolutions, as one ggml custom op
+// (tg_spectral_conv): blocks of the input to the frequency domain, one complex C_out x C_in product per
+// frequency, back to time-major samples with the epilogue, a group of blocks at a time per thread.
 //
 // Why: a k-tap convolution of C channels costs k*C^2 multiply-adds per sample. HiFi-GAN's residual blocks have
 // k = 3, 7, 11; at N-point blocks the frequency domain costs ~4*(N/2)/(N-k+1)*C^2 (2.8 C^2 at k = 11, N = 32)
@@ -18,12 +18,12 @@
 //
 // Layouts (ggml ne order):
 //   x         ne (C_in, T, B), time-major, nb[0] == 4 (channels adjacent)
-//   spectrum  ne (2*C_in, blocks, N/2): slot f, block g: C_in real parts, then C_in imaginary parts
-//             (slot 0: bin 0's real parts, then bin N/2's)
+//   spectrum  (a thread's buffer) slot f, block g: C_in real parts, then C_in imaginary parts (slot 0: bin 0's
+//             real parts, then bin N/2's)
 //   weight    ne (2*C_out, C_in, N/2): slot f, input i: C_out real parts, then C_out imaginary parts of
 //             conj(DFT_N(w[o][i][:])) / (2N) (slot 0: bin 0, then bin N/2, both real); the 1/(2N) undoes the
 //             unnormalised inverse and the pairing's factor 2
-//   product   ne (2*C_out, blocks, N/2), as the spectrum
+//   product   (a thread's buffer) as the spectrum, C_out wide
 //   y         ne (C_out, T, B) = act_out(bias + conv(act_in(x))) (+ residual ne (C_out, T, B))
 // Blocks run batch entry, block, phase: g = (b*per_phase + q)*d + phase, padded to an even count, so that a
 // thread's run of blocks reads and writes one stretch of samples (all its phases) rather than every d-th sample.
@@ -44,12 +44,12 @@ struct tg_spectral_params {
     int32_t taps;
     int32_t dilation;
     int32_t pad;
-    int32_t leaky_in;   // tg_spectrum: leaky ReLU on the input as it is read
+    int32_t leaky_in;   // leaky ReLU on the input as it is read
     float slope_in;
-    int32_t leaky_out;  // tg_unspectrum: leaky ReLU on bias + convolution (before any residual)
+    int32_t leaky_out;  // leaky ReLU on bias + convolution (before any residual)
     float slope_out;
-    int32_t bias;       // tg_unspectrum: src[1] is the bias
-    int32_t residual;   // tg_unspectrum: the next source is a residual to add
+    int32_t bias;       // src[2] is the bias
+    int32_t residual;   // the next source is a residual to add
 };
 
 // blocks per phase for T outputs
@@ -59,7 +59,7 @@ static int64_t per_phase(const struct tg_spectral_params * p, int64_t t) {
     return (outputs + len - 1) / len;
 }
 
-int64_t tg_spectral_blocks(int32_t n, int32_t taps, int32_t dilation, int64_t t, int64_t batch) {
+static int64_t spectral_blocks(int32_t n, int32_t taps, int32_t dilation, int64_t t, int64_t batch) {
     const struct tg_spectral_params p = {n, taps, dilation, 0, 0, 0.0f, 0, 0.0f, 0, 0};
     const int64_t blocks = batch * dilation * per_phase(&p, t);
     return blocks + (blocks & 1);
@@ -146,28 +146,21 @@ static void gather(const struct ggml_tensor * x, const struct tg_spectral_params
     }
 }
 
-// spectrum: dst ne (2*C_in, blocks, N/2) from x ne (C_in, T, B)
-void tg_spectrum(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const struct tg_spectral_params * p = (const struct tg_spectral_params *) userdata;
-    const struct ggml_tensor * x = dst->src[0];
+// The spectra of blocks g0 and g0 + 1 (global indices) into spec: slot f of local block l at
+// spec[f*slot_stride + l*2*C_in], l = l0 and l0 + 1; every channel group
+static void forward_pair(const struct ggml_tensor * x, const struct tg_spectral_params * p, int64_t g0, float * spec,
+                         size_t slot_stride, int64_t l0, const float * c, const float * s) {
     const int n = p->n, c_in = (int) x->ne[0];
-    const int64_t t = x->ne[1], blocks = dst->ne[1];
-    const int64_t groups = c_in / VW, units = blocks / 2 * groups;  // (pair of blocks, channel group)
-    float c[MAX_N / 2], s[MAX_N / 2];
-    twiddles(n, c, s);
+    const int64_t t = x->ne[1];
     vf re[MAX_N], im[MAX_N];
-    const size_t slot_stride = dst->nb[2] / sizeof(float), block_stride = dst->nb[1] / sizeof(float);
-    float * out = (float *) dst->data;
-    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
-        const int64_t g0 = u / groups * 2;
-        const int ch = (int) (u % groups) * VW;
+    float * a = spec + l0 * 2 * c_in;
+    float * b = a + 2 * c_in;
+    for (int ch = 0; ch < c_in; ch += VW) {
         gather(x, p, t, g0, ch, re);
         gather(x, p, t, g0 + 1, ch, im);
         fft(re, im, n, c, s, -1.0f);
         // Z = A + iB for the two real blocks' spectra A, B: 2A[f] = Z[f] + conj(Z[n-f]), 2B[f] = -i(Z[f] -
         // conj(Z[n-f])); slot f < n/2 holds bin f (slot 0: bins 0 and n/2, both real)
-        float * a = out + g0 * block_stride;
-        float * b = a + block_stride;
         for (int f = 0; f < n / 2; f++) {
             const int r = (n - f) % n;
             vf ar, ai, br, bi;
@@ -188,6 +181,64 @@ void tg_spectrum(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
             vstore(af + c_in + ch, ai);
             vstore(bf + ch, br);
             vstore(bf + c_in + ch, bi);
+        }
+    }
+}
+
+// Blocks g0 and g0 + 1 back to samples from their products (as forward_pair lays spectra out, 2*C_out wide), with
+// bias, leaky ReLU and residual, into dst
+static void inverse_pair(struct ggml_tensor * dst, const struct tg_spectral_params * p, const float * bias,
+                         const struct ggml_tensor * res, int64_t g0, const float * prod, size_t slot_stride,
+                         int64_t l0, const float * c, const float * s) {
+    const int n = p->n, c_out = (int) dst->ne[0];
+    const int64_t t = dst->ne[1], batch = dst->ne[2], len = n - p->taps + 1;
+    vf re[MAX_N], im[MAX_N];
+    const float * a = prod + l0 * 2 * c_out;
+    const float * b = a + 2 * c_out;
+    struct block blk[2];
+    const int present[2] = {block_of(p, t, batch, g0, &blk[0]), block_of(p, t, batch, g0 + 1, &blk[1])};
+    for (int ch = 0; ch < c_out; ch += VW) {
+        // Z[f] = A[f] + iB[f] over all n bins (A, B Hermitian), bit-reversed for the FFT
+        for (int f = 0; f < n / 2; f++) {
+            const float * af = a + f * slot_stride;
+            const float * bf = b + f * slot_stride;
+            const vf ar = vload(af + ch), ai = vload(af + c_out + ch);
+            const vf br = vload(bf + ch), bi = vload(bf + c_out + ch);
+            if (f == 0) {  // bins 0 and n/2: real
+                re[0] = ar;
+                im[0] = br;
+                re[bit_reverse(n / 2, n)] = ai;
+                im[bit_reverse(n / 2, n)] = bi;
+            } else {
+                const int rf = bit_reverse(f, n), rr = bit_reverse(n - f, n);
+                re[rf] = ar - bi;
+                im[rf] = ai + br;
+                re[rr] = ar + bi;
+                im[rr] = br - ai;
+            }
+        }
+        fft(re, im, n, c, s, 1.0f);
+        const vf bv = bias ? vload(bias + ch) : (vf){0};
+        for (int k = 0; k < 2; k++) {
+            if (!present[k]) {
+                continue;
+            }
+            const vf * v = k ? im : re;
+            for (int64_t l = 0; l < len; l++) {
+                const int64_t to = p->dilation * (blk[k].q * len + l) + blk[k].phase;
+                if (to >= t) {
+                    break;
+                }
+                vf o = v[l] + bv;
+                if (p->leaky_out) {
+                    o = leaky(o, p->slope_out);
+                }
+                if (res) {
+                    o += vload((const float *) ((const char *) res->data + blk[k].b * res->nb[2] +
+                                                to * res->nb[1]) + ch);
+                }
+                vstore((float *) ((char *) dst->data + blk[k].b * dst->nb[2] + to * dst->nb[1]) + ch, o);
+            }
         }
     }
 }
@@ -239,128 +290,65 @@ void tg_spectrum(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
 DEFINE_CTILE(ctile_complex, CMB, CNT, 0)
 DEFINE_CTILE(ctile_pair, CMB, CNT, 1)
 
-// product: dst ne (2*C_out, blocks, N/2) = weight ne (2*C_out, C_in, N/2) x spectrum ne (2*C_in, blocks, N/2)
-void tg_spectral_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
-    const struct ggml_tensor * w = dst->src[0];
-    const struct ggml_tensor * x = dst->src[1];
-    const int c_out = (int) dst->ne[0] / 2, c_in = (int) x->ne[0] / 2;
-    const int64_t blocks = dst->ne[1], slots = dst->ne[2];
-    const int step = CMB * VW;
-    // output channels per unit: their weights (2 x C_in x chunk floats) within ~16 KB of L1, reused over all tiles
-    int chunk = step;
-    while (chunk + step <= c_out && c_out % (chunk + step) == 0 &&
-           (int64_t) (chunk + step) * c_in * 2 * (int64_t) sizeof(float) <= 16 * 1024) {
-        chunk += step;
-    }
-    const int64_t chunks = c_out / chunk, tiles = (blocks + CNT - 1) / CNT;
-    const int64_t units = slots * chunks * tiles;  // tile fastest
-    // a short last tile runs on zero-filled copies
-    float * xpad = NULL;
-    float * ypad = NULL;
-    if (blocks % CNT) {
-        xpad = (float *) malloc(sizeof(float) * CNT * 2 * (size_t) c_in);
-        ypad = (float *) malloc(sizeof(float) * CNT * 2 * (size_t) c_out);
-        if (!xpad || !ypad) {
-            abort();  // a few KB: nothing sensible is left to do
-        }
-    }
-    const size_t xstr = x->nb[1] / sizeof(float), ystr = dst->nb[1] / sizeof(float);
-    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
-        const int64_t f = u / (chunks * tiles);
-        const int o0 = (int) ((u / tiles) % chunks) * chunk;
-        const int64_t g0 = (u % tiles) * CNT;
-        const int nt = (int) (g0 + CNT <= blocks ? CNT : blocks - g0);
-        const float * wf = (const float *) ((const char *) w->data + f * w->nb[2]);
-        const float * xs = (const float *) ((const char *) x->data + f * x->nb[2]) + g0 * xstr;
-        float * ys = (float *) ((char *) dst->data + f * dst->nb[2]) + g0 * ystr;
-        size_t xs_stride = xstr, ys_stride = ystr;
-        if (nt < CNT) {
-            memset(xpad, 0, sizeof(float) * CNT * 2 * c_in);
-            for (int n = 0; n < nt; n++) memcpy(xpad + n * 2 * c_in, xs + n * xstr, sizeof(float) * 2 * c_in);
-            xs = xpad;
-            xs_stride = 2 * c_in;
-        }
-        float * yt = nt < CNT ? ypad : ys;
-        if (nt < CNT) {
-            ys_stride = 2 * c_out;
-        }
-        for (int o = o0; o < o0 + chunk; o += step) {
-            (f == 0 ? ctile_pair : ctile_complex)(xs, xs_stride, c_in, wf, c_out, o, yt, ys_stride);
-        }
-        if (nt < CNT) {
-            for (int n = 0; n < nt; n++) {
-                memcpy(ys + n * ystr + o0, ypad + n * 2 * c_out + o0, sizeof(float) * chunk);
-                memcpy(ys + n * ystr + c_out + o0, ypad + n * 2 * c_out + c_out + o0, sizeof(float) * chunk);
-            }
-        }
-    }
-    free(xpad);
-    free(ypad);
+// blocks per group: their spectra (G x N/2 x 2*C floats) within ~256 KB of L2, and at least 24 so that the
+// weights, read once per group from L3, cost little against the group's products; a multiple of the tile
+static int64_t group_blocks(int c) {
+    int64_t g = 2048 / c;
+    g = g < 24 ? 24 : g;
+    return (g + CNT - 1) / CNT * CNT;
 }
 
-// back to samples: dst ne (C_out, T, B) from the product ne (2*C_out, blocks, N/2) (src[0]), then (as the params
-// say) the bias ne (C_out,) and a residual ne (C_out, T, B)
-void tg_unspectrum(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+// dst ne (C_out, T, B) = act_out(bias + conv(act_in(x))) (+ residual): src[0] x ne (C_in, T, B), src[1] the
+// weight's spectra ne (2*C_out, C_in, N/2), then (as the params say) the bias ne (C_out,) and a residual ne (C_out,
+// T, B). Each thread takes whole groups of blocks through all three steps in its own buffers: the spectra of a
+// long signal (~1.5x its size, twice) never leave the caches.
+void tg_spectral_conv(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct tg_spectral_params * p = (const struct tg_spectral_params *) userdata;
-    const struct ggml_tensor * y = dst->src[0];
-    const struct ggml_tensor * bias_t = p->bias ? dst->src[1] : NULL;
-    const struct ggml_tensor * res = p->residual ? dst->src[1 + (p->bias != 0)] : NULL;
+    const struct ggml_tensor * x = dst->src[0];
+    const struct ggml_tensor * w = dst->src[1];
+    const struct ggml_tensor * bias_t = p->bias ? dst->src[2] : NULL;
+    const struct ggml_tensor * res = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
     const float * bias = bias_t ? (const float *) bias_t->data : NULL;
-    const int n = p->n, c_out = (int) dst->ne[0];
-    const int64_t t = dst->ne[1], batch = dst->ne[2], blocks = y->ne[1];
-    const int64_t len = n - p->taps + 1;
-    const int64_t groups = c_out / VW, units = blocks / 2 * groups;
+    const int n = p->n, slots = n / 2, c_in = (int) x->ne[0], c_out = (int) dst->ne[0];
+    const int64_t blocks = spectral_blocks(n, p->taps, p->dilation, x->ne[1], x->ne[2]);
+    const int64_t per_group = group_blocks(c_in > c_out ? c_in : c_out);
+    const int64_t groups = (blocks + per_group - 1) / per_group;
+    const int64_t u0 = groups * ith / nth, u1 = groups * (ith + 1) / nth;
+    if (u0 == u1) {
+        return;
+    }
+    const size_t xs_stride = (size_t) per_group * 2 * c_in, ys_stride = (size_t) per_group * 2 * c_out;
+    float * spec = (float *) malloc(sizeof(float) * slots * (xs_stride + ys_stride));
+    if (!spec) {
+        abort();  // a few hundred KB: nothing sensible is left to do
+    }
+    float * prod = spec + slots * xs_stride;
     float c[MAX_N / 2], s[MAX_N / 2];
     twiddles(n, c, s);
-    vf re[MAX_N], im[MAX_N];
-    const size_t slot_stride = y->nb[2] / sizeof(float), block_stride = y->nb[1] / sizeof(float);
-    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
-        const int64_t g0 = u / groups * 2;
-        const int ch = (int) (u % groups) * VW;
-        const float * a = (const float *) y->data + g0 * block_stride;
-        const float * b = a + block_stride;
-        // Z[f] = A[f] + iB[f] over all n bins (A, B Hermitian), bit-reversed for the FFT
-        for (int f = 0; f < n / 2; f++) {
-            const float * af = a + f * slot_stride;
-            const float * bf = b + f * slot_stride;
-            const vf ar = vload(af + ch), ai = vload(af + c_out + ch);
-            const vf br = vload(bf + ch), bi = vload(bf + c_out + ch);
-            if (f == 0) {  // bins 0 and n/2: real
-                re[0] = ar;
-                im[0] = br;
-                re[bit_reverse(n / 2, n)] = ai;
-                im[bit_reverse(n / 2, n)] = bi;
-            } else {
-                const int rf = bit_reverse(f, n), rr = bit_reverse(n - f, n);
-                re[rf] = ar - bi;
-                im[rf] = ai + br;
-                re[rr] = ar + bi;
-                im[rr] = br - ai;
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t g_first = u * per_group;
+        const int64_t count = blocks - g_first < per_group ? blocks - g_first : per_group;  // even
+        const int64_t padded = (count + CNT - 1) / CNT * CNT;
+        for (int64_t l = 0; l < count; l += 2) {
+            forward_pair(x, p, g_first + l, spec, xs_stride, l, c, s);
+        }
+        for (int f = 0; f < slots; f++) {  // the tail of the last tile: zero blocks
+            memset(spec + f * xs_stride + count * 2 * c_in, 0, sizeof(float) * (padded - count) * 2 * c_in);
+        }
+        for (int f = 0; f < slots; f++) {
+            const float * wf = (const float *) ((const char *) w->data + f * w->nb[2]);
+            const float * xf = spec + f * xs_stride;
+            float * yf = prod + f * ys_stride;
+            for (int o = 0; o < c_out; o += CMB * VW) {
+                for (int64_t l = 0; l < padded; l += CNT) {
+                    (f == 0 ? ctile_pair : ctile_complex)(xf + l * 2 * c_in, 2 * c_in, c_in, wf, c_out, o,
+                                                          yf + l * 2 * c_out, 2 * c_out);
+                }
             }
         }
-        fft(re, im, n, c, s, 1.0f);
-        for (int k = 0; k < 2; k++) {
-            struct block blk;
-            if (!block_of(p, t, batch, g0 + k, &blk)) {
-                continue;
-            }
-            const vf * v = k ? im : re;
-            const vf bv = bias ? vload(bias + ch) : (vf){0};
-            for (int64_t l = 0; l < len; l++) {
-                const int64_t to = p->dilation * (blk.q * len + l) + blk.phase;
-                if (to >= t) {
-                    break;
-                }
-                vf o = v[l] + bv;
-                if (p->leaky_out) {
-                    o = leaky(o, p->slope_out);
-                }
-                if (res) {
-                    o += vload((const float *) ((const char *) res->data + blk.b * res->nb[2] + to * res->nb[1]) + ch);
-                }
-                vstore((float *) ((char *) dst->data + blk.b * dst->nb[2] + to * dst->nb[1]) + ch, o);
-            }
+        for (int64_t l = 0; l < count; l += 2) {
+            inverse_pair(dst, p, bias, res, g_first + l, prod, ys_stride, l, c, s);
         }
     }
+    free(spec);
 }
