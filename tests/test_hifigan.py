@@ -33,6 +33,7 @@ from tortoise_ggml import kernels
 from tortoise_ggml.models.hifigan_decoder import (
     HifiganGenerator,
     interpolate_linear,
+    transform_for,
     upsample_latents,
     upsampled_frames,
 )
@@ -211,9 +212,13 @@ def test_fast_path_without_the_component_says_how_to_add_it(gguf_without_hifigan
 def test_inference_matches_reference(oracle, model_file, reference, fused, spectral):
     ours = HifiganGenerator(model_file, fused=fused, spectral=spectral)
     assert ours.fused == fused
-    # the 7- and 11-tap residual-block convolutions by FFT blocks, the 3-tap ones direct (only where fused)
+    # the 7- and 11-tap residual-block convolutions by FFT blocks, the 3-tap ones of 64+ channels by Winograd, the
+    # rest direct (only where fused)
     convs = [c for b in ours.resblocks for c in b.convs]
-    assert [c.spectral for c in convs] == [fused and spectral and c.kernel_size > 3 for c in convs]
+    want = [transform_for(c.in_channels, c.out_channels, c.kernel_size) if fused and spectral else None
+            for c in convs]
+    assert [c.transform for c in convs] == want
+    assert set(want) == ({"spectral", "winograd", None} if fused and spectral else {None})
     latents, voice = _latents(0, 9)
     want = _reference(oracle, reference, latents, voice)
     got = ours.inference(latents, voice)

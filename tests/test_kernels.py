@@ -141,6 +141,49 @@ def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in,
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
+# Winograd F(4,3) for the 3-tap convolutions: the same cases as the FFT path's, at 3 taps
+@pytest.mark.parametrize("c_in,c_out,d,t,bsz,leaky_in,leaky_out,bias,residual", [
+    (32, 32, 5, 1000, 1, 0.1, 0.1, True, False),
+    (64, 64, 3, 333, 2, None, None, True, True),
+    (16, 16, 1, 9, 1, 0.1, None, True, True),
+    (256, 256, 1, 61, 1, None, 0.1, False, False),
+    (16, 48, 9, 40, 3, 0.2, None, True, False),
+    (128, 128, 1, 2, 1, 0.1, 0.1, True, True),
+])
+def test_winograd_conv1d_matches_torch(cpu, c_in, c_out, d, t, bsz, leaky_in, leaky_out, bias, residual):
+    if c_out % VW or c_in % VW:
+        pytest.skip(f"{c_in}/{c_out} channels: not multiples of the vector width {VW}")
+    rng = np.random.default_rng(c_in + d + t + 1)
+    x = rng.standard_normal((bsz, c_in, t)).astype(np.float32)
+    w = (rng.standard_normal((c_out, c_in, 3)) / np.sqrt(c_in * 3)).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32) if bias else None
+    r = rng.standard_normal((bsz, c_out, t)).astype(np.float32) if residual else None
+    xi = torch.from_numpy(x)
+    if leaky_in is not None:
+        xi = torch.nn.functional.leaky_relu(xi, leaky_in)
+    ref = torch.nn.functional.conv1d(xi, torch.from_numpy(w), None if b is None else torch.from_numpy(b),
+                                     padding=d, dilation=d)
+    if leaky_out is not None:
+        ref = torch.nn.functional.leaky_relu(ref, leaky_out)
+    ref = ref.numpy() + (r if residual else 0)
+    ctx = pg.Context()
+    xt = ctx.new_tensor("f32", (c_in, t, bsz)).set_input()
+    wt = ctx.new_tensor("f32", (2 * c_out, c_in, 3)).set_input()
+    bt = ctx.new_tensor("f32", (c_out,)).set_input() if bias else None
+    rt = ctx.new_tensor("f32", (c_out, t, bsz)).set_input() if residual else None
+    y = kernels.winograd_conv1d(ctx, xt, wt, bt, d, leaky_in, leaky_out, rt)
+    feed = {xt: x.transpose(0, 2, 1), wt: kernels.winograd_weights(w)}
+    if bias:
+        feed[bt] = b
+    if residual:
+        feed[rt] = r.transpose(0, 2, 1)
+    cpu.compute(pg.Graph(ctx, y), feed)
+    got = y.get().reshape(bsz, t, c_out).transpose(0, 2, 1)
+    assert np.abs(ref).max() > 1
+    # F(4,3)'s transforms scale rounding up a little: measured up to 2.2e-6 of the peak at 256 channels
+    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-6 * np.abs(ref).max())
+
+
 def test_spectral_bad_shapes_are_python_errors():
     ctx = pg.Context()
     x = ctx.new_tensor("f32", (32, 100, 1))
@@ -156,8 +199,12 @@ def test_spectral_bad_shapes_are_python_errors():
     with pytest.raises(pg.ShapeError, match="taps do not fit"):
         kernels.spectral_weights(np.zeros((4, 4, 40)), 32)
     for n in (24, 128):  # not a power of 2; past the kernel's FFT buffers
-        with pytest.raises(pg.ShapeError, match="weight must be"):
+        with pytest.raises(pg.ShapeError, match="a power of 2 up to 64"):
             kernels.spectral_conv1d(ctx, x, ctx.new_tensor("f32", (64, 32, n // 2)), None, 7, n=n)
+    with pytest.raises(pg.ShapeError, match=r"winograd_conv1d: weight must be contiguous F32 ne \(2\*C_out, 32, 3\)"):
+        kernels.winograd_conv1d(ctx, x, w, None)
+    with pytest.raises(pg.ShapeError, match="3-tap weight"):
+        kernels.winograd_weights(np.zeros((4, 4, 5)))
 
 
 def test_bad_shapes_are_python_errors():

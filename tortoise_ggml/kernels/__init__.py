@@ -40,7 +40,8 @@ int tg_f32_matmul_available(void);
 struct tg_group_norm_params { int32_t groups; int32_t silu; float eps; };
 void tg_group_norm(void * dst, int ith, int nth, void * userdata);
 struct tg_spectral_params { int32_t n; int32_t taps; int32_t dilation; int32_t pad; int32_t leaky_in; float slope_in;
-                            int32_t leaky_out; float slope_out; int32_t bias; int32_t residual; };
+                            int32_t leaky_out; float slope_out; int32_t bias; int32_t residual;
+                            int32_t winograd; };
 void tg_spectral_conv(void * dst, int ith, int nth, void * userdata);
 """)
 
@@ -334,14 +335,6 @@ SPECTRAL_SIZE = 32  # FFT points per block: 2.8 C^2 per sample at 11 taps (direc
 SPECTRAL_MAX_SIZE = 64  # spectral_conv.c's MAX_N: its per-thread FFT buffers
 
 
-def spectral_fits(backend, c_in: int, c_out: int, taps: int, n: int = SPECTRAL_SIZE) -> bool:
-    """Whether ``spectral_conv1d`` takes a convolution of these sizes on ``backend``, and is worth it: the kernels
-    usable for both channel counts, and a kernel long enough (5 taps or more) that an ``n``-point block's
-    frequency-domain product (~4 (n/2) / (n - taps + 1) C^2 per sample) beats the direct taps C^2 by more than the
-    transforms and their memory passes cost (measured on HiFi-GAN: at 3 taps it does not)."""
-    return usable(backend, c_in, c_out) and 5 <= taps <= n // 2
-
-
 def spectral_weights(w, n: int = SPECTRAL_SIZE):
     """A Conv1d weight (C_out, C_in, taps) in spectral_conv1d's layout: float32 (n/2, C_in, 2*C_out), slot f
     holding the real then imaginary parts of conj(DFT_n(w)) / (2n) at bin f (slot 0: bins 0 and n/2), computed in
@@ -367,26 +360,58 @@ def spectral_conv1d(ctx: Context, x: Tensor, w: Tensor, bias: Tensor | None, tap
     slope) optional. w: ``spectral_weights`` of the Conv1d weight, F32 ne (2*C_out, C_in, n/2). One op: each
     thread takes groups of blocks through their spectra, one complex product per frequency and the inverse with
     the epilogue, in buffers of its own (the spectra never reach memory)."""
+    if not 4 <= n <= SPECTRAL_MAX_SIZE or n & (n - 1) or not 1 <= taps <= n // 2 or taps % 2 == 0:
+        raise ShapeError(f"spectral_conv1d: {n}-point blocks (a power of 2 up to {SPECTRAL_MAX_SIZE}) take odd taps "
+                         f"<= {n // 2}, got {taps} taps")
+    return _transformed_conv(ctx, x, w, bias, taps, dilation, n, False, leaky_in, leaky_out, residual,
+                             "spectral_conv1d")
+
+
+def winograd_weights(w):
+    """A 3-tap Conv1d weight (C_out, C_in, 3) in winograd_conv1d's layout: float32 (3, C_in, 2*C_out), slot s
+    holding points 2s and 2s + 1 of G g (F(4,3)'s weight transform), computed in float64."""
+    import numpy as np
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 3 or w.shape[2] != 3:
+        raise ShapeError(f"winograd_weights: want a 3-tap weight (C_out, C_in, 3), got shape {w.shape}")
+    g = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                  [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+    u = np.einsum("pj,oij->pio", g, w)                              # (6, C_in, C_out)
+    return u.reshape(3, 2, w.shape[1], w.shape[0]).transpose(0, 2, 1, 3).reshape(3, w.shape[1], -1).astype(
+        np.float32)
+
+
+def winograd_conv1d(ctx: Context, x: Tensor, w: Tensor, bias: Tensor | None, dilation: int = 1,
+                    leaky_in: float | None = None, leaky_out: float | None = None,
+                    residual: Tensor | None = None) -> Tensor:
+    """spectral_conv1d for 3 taps by Winograd F(4,3) (6 products per 4 outputs instead of 12): w from
+    ``winograd_weights``, F32 ne (2*C_out, C_in, 3)."""
+    return _transformed_conv(ctx, x, w, bias, 3, dilation, 6, True, leaky_in, leaky_out, residual,
+                             "winograd_conv1d")
+
+
+def _transformed_conv(ctx, x, w, bias, taps, dilation, n, winograd, leaky_in, leaky_out, residual, what):
     c_in, length, batch = x.ne[0], x.ne[1], x.ne[2]
-    _check_input(x, c_in, "spectral_conv1d")
+    _check_input(x, c_in, what)
     c_out = w.ne[0] // 2
-    if (w.type.name != "F32" or not w.is_contiguous or w.ne[:3] != (2 * c_out, c_in, n // 2) or w.ne[3] != 1
-            or not 4 <= n <= SPECTRAL_MAX_SIZE or n & (n - 1) or not 1 <= taps <= n // 2 or taps % 2 == 0):
-        raise ShapeError(f"spectral_conv1d: weight must be contiguous F32 ne (2*C_out, {c_in}, {n // 2}) for odd "
-                         f"taps <= {n // 2}, got {w!r} ({taps} taps)")
+    if w.type.name != "F32" or not w.is_contiguous or w.ne[:3] != (2 * c_out, c_in, n // 2) or w.ne[3] != 1:
+        raise ShapeError(f"{what}: weight must be contiguous F32 ne (2*C_out, {c_in}, {n // 2}), got {w!r}")
     if bias is not None and (bias.type.name != "F32" or bias.ne[:1] != (c_out,) or not bias.is_contiguous):
-        raise ShapeError(f"spectral_conv1d: bias must be contiguous F32 ne ({c_out},), got {bias!r}")
+        raise ShapeError(f"{what}: bias must be contiguous F32 ne ({c_out},), got {bias!r}")
     if residual is not None and (residual.type.name != "F32" or residual.ne[:3] != (c_out, length, batch)
                                  or residual.nb[0] != 4):
-        raise ShapeError(f"spectral_conv1d: residual must be F32 ne ({c_out}, {length}, {batch}), got {residual!r}")
+        raise ShapeError(f"{what}: residual must be F32 ne ({c_out}, {length}, {batch}), got {residual!r}")
+    if dilation < 1:
+        raise ShapeError(f"{what}: dilation must be >= 1, got {dilation}")
     ud = _userdata("tg_spectral_params", n=int(n), taps=int(taps), dilation=int(dilation),
                    pad=int(dilation * (taps - 1) // 2), leaky_in=leaky_in is not None, slope_in=leaky_in or 0.0,
                    leaky_out=leaky_out is not None, slope_out=leaky_out or 0.0, bias=bias is not None,
-                   residual=residual is not None)
+                   residual=residual is not None, winograd=int(winograd))
     args = [x, w] + [t for t in (bias, residual) if t is not None]
     return ctx.custom(_fn("tg_spectral_conv"), args, (c_out, length, batch), userdata=ud)
 
 
 __all__ = ["available", "usable", "vector_width", "choose", "choose_for", "attend_cache_fits", "conv1d", "lvc_gated",
            "attend_cache", "relpos_softmax", "im2col", "q8_matmul_fits", "f32_matmul_fits", "f32_matmul", "q8_pack",
-           "q8_matmul", "group_norm", "SPECTRAL_SIZE", "spectral_fits", "spectral_weights", "spectral_conv1d"]
+           "q8_matmul", "group_norm", "SPECTRAL_SIZE", "spectral_weights", "spectral_conv1d",
+           "winograd_weights", "winograd_conv1d"]

@@ -50,6 +50,7 @@ struct tg_spectral_params {
     float slope_out;
     int32_t bias;       // src[2] is the bias
     int32_t residual;   // the next source is a residual to add
+    int32_t winograd;   // 3 taps by Winograd F(4,3) instead of the FFT (n = 6 points, see winograd_pair)
 };
 
 // blocks per phase for T outputs
@@ -60,7 +61,7 @@ static int64_t per_phase(const struct tg_spectral_params * p, int64_t t) {
 }
 
 static int64_t spectral_blocks(int32_t n, int32_t taps, int32_t dilation, int64_t t, int64_t batch) {
-    const struct tg_spectral_params p = {n, taps, dilation, 0, 0, 0.0f, 0, 0.0f, 0, 0};
+    const struct tg_spectral_params p = {n, taps, dilation, 0, 0, 0.0f, 0, 0.0f, 0, 0, 0};
     const int64_t blocks = batch * dilation * per_phase(&p, t);
     return blocks + (blocks & 1);
 }
@@ -121,6 +122,19 @@ static void fft(vf * re, vf * im, int n, const float * c, const float * s, float
 
 static vf leaky(vf v, float slope) { return vselect(v < vsplat(0.0f), v * slope, v); }
 
+// one output sample (bias already added): leaky ReLU, residual, stored
+static inline void emit(struct ggml_tensor * dst, const struct tg_spectral_params * p, const struct ggml_tensor * res,
+                        const struct block * blk, int64_t to, int ch, vf o) {
+    if (p->leaky_out) {
+        o = leaky(o, p->slope_out);
+    }
+    if (res) {
+        o += vload((const float *) ((const char *) res->data + blk->b * res->nb[2] + to * res->nb[1]) + ch);
+    }
+    vstore((float *) ((char *) dst->data + blk->b * dst->nb[2] + to * dst->nb[1]) + ch, o);
+}
+
+
 // the input samples of block g for channels [c, c + VW), bit-reversed, into re (imag = 0 ones are the caller's)
 static void gather(const struct ggml_tensor * x, const struct tg_spectral_params * p, int64_t t, int64_t g,
                    int c, vf * dst) {
@@ -142,7 +156,7 @@ static void gather(const struct ggml_tensor * x, const struct tg_spectral_params
                 v = leaky(v, p->slope_in);
             }
         }
-        dst[bit_reverse(m, n)] = v;
+        dst[p->winograd ? m : bit_reverse(m, n)] = v;
     }
 }
 
@@ -229,15 +243,77 @@ static void inverse_pair(struct ggml_tensor * dst, const struct tg_spectral_para
                 if (to >= t) {
                     break;
                 }
-                vf o = v[l] + bv;
-                if (p->leaky_out) {
-                    o = leaky(o, p->slope_out);
+                emit(dst, p, res, &blk[k], to, ch, v[l] + bv);
+            }
+        }
+    }
+}
+
+// Winograd F(4,3) (Lavin & Gray's points 0, +-1, +-2, inf): 4 outputs of a 3-tap correlation from 6 inputs d by
+// 6 products, y = A^T [(G g) . (B^T d)], 1.5 multiply-adds per output and channel pair instead of 3. The 6
+// transformed values of a block are 3 slots of 2 real products each (slot s: points 2s and 2s + 1), so the
+// frequency-domain product's paired-real tile runs them. The transforms' coefficients are small integers (B^T,
+// A^T) and G's 1/4, 1/6, 1/12, 1/24 sit in the weights: float32 rounding a few times the direct sum's.
+static void winograd_forward(const vf * d, vf * v) {
+    v[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    v[1] = -4.0f * (d[1] + d[2]) + d[3] + d[4];
+    v[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
+    v[3] = 2.0f * (d[3] - d[1]) - d[2] + d[4];
+    v[4] = 2.0f * (d[1] - d[3]) - d[2] + d[4];
+    v[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+}
+
+static void winograd_inverse(const vf * m, vf * y) {
+    const vf a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], e = m[3] - m[4];
+    y[0] = m[0] + a + c;
+    y[1] = b + 2.0f * e;
+    y[2] = a + 4.0f * c;
+    y[3] = b + 8.0f * e + m[5];
+}
+
+// the transforms of blocks g0 and g0 + 1 into spec (slot s of local block l: points 2s, 2s + 1 side by side)
+static void winograd_forward_pair(const struct ggml_tensor * x, const struct tg_spectral_params * p, int64_t g0,
+                                  float * spec, size_t slot_stride, int64_t l0) {
+    const int c_in = (int) x->ne[0];
+    vf d[6], v[6];
+    for (int k = 0; k < 2; k++) {
+        float * a = spec + (l0 + k) * 2 * c_in;
+        for (int ch = 0; ch < c_in; ch += VW) {
+            gather(x, p, x->ne[1], g0 + k, ch, d);
+            winograd_forward(d, v);
+            for (int sl = 0; sl < 3; sl++) {
+                vstore(a + sl * slot_stride + ch, v[2 * sl]);
+                vstore(a + sl * slot_stride + c_in + ch, v[2 * sl + 1]);
+            }
+        }
+    }
+}
+
+static void winograd_inverse_pair(struct ggml_tensor * dst, const struct tg_spectral_params * p, const float * bias,
+                                  const struct ggml_tensor * res, int64_t g0, const float * prod, size_t slot_stride,
+                                  int64_t l0) {
+    const int c_out = (int) dst->ne[0];
+    const int64_t t = dst->ne[1];
+    vf m[6], y[4];
+    for (int k = 0; k < 2; k++) {
+        struct block blk;
+        if (!block_of(p, t, dst->ne[2], g0 + k, &blk)) {
+            continue;
+        }
+        const float * a = prod + (l0 + k) * 2 * c_out;
+        for (int ch = 0; ch < c_out; ch += VW) {
+            for (int sl = 0; sl < 3; sl++) {
+                m[2 * sl] = vload(a + sl * slot_stride + ch);
+                m[2 * sl + 1] = vload(a + sl * slot_stride + c_out + ch);
+            }
+            winograd_inverse(m, y);
+            const vf bv = bias ? vload(bias + ch) : (vf){0};
+            for (int l = 0; l < 4; l++) {
+                const int64_t to = p->dilation * (blk.q * 4 + l) + blk.phase;
+                if (to >= t) {
+                    break;
                 }
-                if (res) {
-                    o += vload((const float *) ((const char *) res->data + blk[k].b * res->nb[2] +
-                                                to * res->nb[1]) + ch);
-                }
-                vstore((float *) ((char *) dst->data + blk[k].b * dst->nb[2] + to * dst->nb[1]) + ch, o);
+                emit(dst, p, res, &blk, to, ch, y[l] + bv);
             }
         }
     }
@@ -309,7 +385,7 @@ void tg_spectral_conv(struct ggml_tensor * dst, int ith, int nth, void * userdat
     const struct ggml_tensor * bias_t = p->bias ? dst->src[2] : NULL;
     const struct ggml_tensor * res = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
     const float * bias = bias_t ? (const float *) bias_t->data : NULL;
-    const int n = p->n, slots = n / 2, c_in = (int) x->ne[0], c_out = (int) dst->ne[0];
+    const int n = p->n, slots = n / 2, c_in = (int) x->ne[0], c_out = (int) dst->ne[0];  // winograd: 6 points
     const int64_t blocks = spectral_blocks(n, p->taps, p->dilation, x->ne[1], x->ne[2]);
     const int64_t per_group = group_blocks(c_in > c_out ? c_in : c_out);
     const int64_t groups = (blocks + per_group - 1) / per_group;
@@ -330,7 +406,11 @@ void tg_spectral_conv(struct ggml_tensor * dst, int ith, int nth, void * userdat
         const int64_t count = blocks - g_first < per_group ? blocks - g_first : per_group;  // even
         const int64_t padded = (count + CNT - 1) / CNT * CNT;
         for (int64_t l = 0; l < count; l += 2) {
-            forward_pair(x, p, g_first + l, spec, xs_stride, l, c, s);
+            if (p->winograd) {
+                winograd_forward_pair(x, p, g_first + l, spec, xs_stride, l);
+            } else {
+                forward_pair(x, p, g_first + l, spec, xs_stride, l, c, s);
+            }
         }
         for (int f = 0; f < slots; f++) {  // the tail of the last tile: zero blocks
             memset(spec + f * xs_stride + count * 2 * c_in, 0, sizeof(float) * (padded - count) * 2 * c_in);
@@ -341,13 +421,17 @@ void tg_spectral_conv(struct ggml_tensor * dst, int ith, int nth, void * userdat
             float * yf = prod + f * ys_stride;
             for (int o = 0; o < c_out; o += CMB * VW) {
                 for (int64_t l = 0; l < padded; l += CNT) {
-                    (f == 0 ? ctile_pair : ctile_complex)(xf + l * 2 * c_in, 2 * c_in, c_in, wf, c_out, o,
-                                                          yf + l * 2 * c_out, 2 * c_out);
+                    (f == 0 || p->winograd ? ctile_pair : ctile_complex)(xf + l * 2 * c_in, 2 * c_in, c_in, wf,
+                                                                          c_out, o, yf + l * 2 * c_out, 2 * c_out);
                 }
             }
         }
         for (int64_t l = 0; l < count; l += 2) {
-            inverse_pair(dst, p, bias, res, g_first + l, prod, ys_stride, l, c, s);
+            if (p->winograd) {
+                winograd_inverse_pair(dst, p, bias, res, g_first + l, prod, ys_stride, l);
+            } else {
+                inverse_pair(dst, p, bias, res, g_first + l, prod, ys_stride, l, c, s);
+            }
         }
     }
     free(spec);

@@ -103,12 +103,28 @@ def upsampled_frames(n_latents: int) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # blocks (time-major x ne (C, T, B))
 # ------------------------------------------------------------------------------------------------------------------
+# 3-tap convolutions by Winograd F(4,3) from this many channels: below it the transforms cost more than the half of
+# the products they save (measured on HiFi-GAN's residual blocks, 2 threads)
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def transform_for(in_channels: int, out_channels: int, kernel_size: int) -> str | None:
+    """The transform a fused convolution of these sizes runs by: "spectral" (FFT blocks, 5 taps and more),
+    "winograd" (3 taps, WINOGRAD_MIN_CHANNELS and more) or None (the direct kernel)."""
+    if 5 <= kernel_size <= fused_kernels.SPECTRAL_SIZE // 2:
+        return "spectral"
+    if kernel_size == 3 and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS:
+        return "winograd"
+    return None
+
+
 class SameConv1d:
     """nn.Conv1d(C_in, C_out, k, 1, dilation=d, padding=d*(k-1)/2) on time-major data, with an optional leaky ReLU
     on its input and on its output and an optional residual added after. ``fused``: on the fused direct kernel (its
-    weight then prepared once in the kernel's layout); ``spectral`` (fused too): by FFT blocks
-    (kernels.spectral_conv1d, its weight prepared once as spectra), where the activations and the residual run
-    inside the convolution's own passes."""
+    weight then prepared once in the kernel's layout); ``spectral`` (fused too): by a transform
+    (``transform_for``: FFT blocks, kernels.spectral_conv1d, or Winograd F(4,3), kernels.winograd_conv1d; the
+    weight prepared once transformed), where the activations and the residual run inside the convolution's own
+    pass."""
 
     def __init__(self, w: ModuleWeights, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
                  bias: bool = True, fused: bool = False, spectral: bool = False):
@@ -118,9 +134,14 @@ class SameConv1d:
         self.kernel_size, self.dilation = kernel_size, dilation
         self.padding = dilation * (kernel_size - 1) // 2
         self.fused = fused
-        self.spectral = fused and spectral
+        self.transform = transform_for(in_channels, out_channels, kernel_size) if fused and spectral else None
+        self.spectral = self.transform is not None
         self.lanes: Tensor | None = None     # the weight as ne (C_out, C_in*K), element (j*C_in + i)*C_out + o
-        self.spectrum: Tensor | None = None  # the weight as kernels.spectral_weights, ne (2*C_out, C_in, n/2)
+        self.spectrum: Tensor | None = None  # the transformed weight, ne (2*C_out, C_in, slots)
+
+    @property
+    def spectrum_array_slots(self) -> int:
+        return 3 if self.transform == "winograd" else fused_kernels.SPECTRAL_SIZE // 2
 
     def lanes_array(self) -> np.ndarray:
         """The weight in the fused kernel's layout, numpy (K, C_in, C_out)."""
@@ -128,13 +149,18 @@ class SameConv1d:
                                                               self.kernel_size).transpose(2, 1, 0))
 
     def spectrum_array(self) -> np.ndarray:
-        """The weight as spectra, numpy (n/2, C_in, 2*C_out)."""
-        return fused_kernels.spectral_weights(self.weight.get().reshape(self.out_channels, self.in_channels,
-                                                                        self.kernel_size))
+        """The weight transformed, numpy (slots, C_in, 2*C_out)."""
+        w = self.weight.get().reshape(self.out_channels, self.in_channels, self.kernel_size)
+        if self.transform == "winograd":
+            return fused_kernels.winograd_weights(w)
+        return fused_kernels.spectral_weights(w)
 
     def forward(self, ctx: Context, x: Tensor, rules: Windows, leaky_slope: float | None = None,
                 rows: int = 1, leaky_in: float | None = None, residual: Tensor | None = None) -> Tensor:
-        if self.spectral:
+        if self.transform == "winograd":
+            return fused_kernels.winograd_conv1d(ctx, x, self.spectrum, self.bias, self.dilation,
+                                                 leaky_in=leaky_in, leaky_out=leaky_slope, residual=residual)
+        if self.transform == "spectral":
             return fused_kernels.spectral_conv1d(ctx, x, self.spectrum, self.bias, self.kernel_size, self.dilation,
                                                  leaky_in=leaky_in, leaky_out=leaky_slope, residual=residual)
         if leaky_in is not None:
@@ -303,7 +329,7 @@ class HifiganGenerator(Model):
             for j, k in enumerate(cfg.resblock_kernel_sizes):
                 n = i * self.num_kernels + j
                 self.resblocks.append(block(w.sub(f"resblocks.{n}"), ch, k, cfg.dilations(j), fused=use(ch),
-                                            spectral=spectral and fused_kernels.spectral_fits(backend, ch, ch, k)))
+                                            spectral=spectral and fused_kernels.usable(backend, ch)))
         self.conv_post = SameConv1d(w.sub("conv_post"), widths[-1], cfg.out_channels, CONV_PRE_POST_KERNEL,
                                     bias=cfg.conv_post_bias, fused=False)
         self.cond_layer = None
@@ -340,9 +366,8 @@ class HifiganGenerator(Model):
         self._lanes_ctx = Context(max_tensors=len(convs) + len(spectral) + 2 * len(ups) + 8)
         conv_tensors = [self._lanes_ctx.new_tensor("f32", (c.out_channels, c.in_channels * c.kernel_size))
                         for c in convs]
-        n = fused_kernels.SPECTRAL_SIZE
-        spectral_tensors = [self._lanes_ctx.new_tensor("f32", (2 * c.out_channels, c.in_channels, n // 2))
-                            for c in spectral]
+        spectral_tensors = [self._lanes_ctx.new_tensor("f32", (2 * c.out_channels, c.in_channels,
+                                                               c.spectrum_array_slots)) for c in spectral]
         up_tensors = [tuple(self._lanes_ctx.new_tensor("f32", shape) for shape in u.lane_shapes) for u in ups]
         self._lanes_buffer = self.backend.alloc_tensors(self._lanes_ctx)
         for c, t in zip(convs, conv_tensors):
@@ -484,5 +509,6 @@ class HifiganGenerator(Model):
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-__all__ = ["HifiganGenerator", "ResBlock1", "ResBlock2", "SameConv1d", "interpolate_linear", "upsample_latents",
-           "upsampled_frames", "LRELU_SLOPE", "LATENT_SCALE", "RATE_SCALE"]
+__all__ = ["HifiganGenerator", "ResBlock1", "ResBlock2", "SameConv1d", "interpolate_linear", "transform_for",
+           "upsample_latents", "upsampled_frames", "LRELU_SLOPE", "LATENT_SCALE", "RATE_SCALE",
+           "WINOGRAD_MIN_CHANNELS"]
