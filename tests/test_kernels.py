@@ -96,21 +96,13 @@ def test_lvc_gated_matches_reference(cpu, c_in, c, hop, segments, bsz):
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
-# HiFi-GAN's residual-block convolutions (7 and 11 taps, dilations 1/3/5) and its channel counts, a length shorter
-# than one block, a phase count that leaves an odd number of blocks (the padding block), a dilated span longer than
-# the input, more outputs than inputs, and each epilogue: input and output leaky ReLU, no bias, a residual
-@pytest.mark.parametrize("c_in,c_out,k,d,t,bsz,leaky_in,leaky_out,bias,residual", [
-    (32, 32, 11, 5, 1000, 1, 0.1, 0.1, True, False),
-    (64, 64, 7, 3, 333, 2, None, None, True, True),
-    (16, 16, 11, 1, 9, 1, 0.1, None, True, True),
-    (256, 256, 7, 1, 61, 1, None, 0.1, False, False),
-    (16, 48, 5, 9, 40, 3, 0.2, None, True, False),
-    (32, 32, 15, 5, 23, 1, None, None, True, True),
-])
-def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in, leaky_out, bias, residual):
+def _transformed_vs_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in, leaky_out, bias, residual, seed, slots, weights,
+                          conv):
+    """One transformed convolution (``conv(ctx, x, w, b, leaky_in, leaky_out, residual)``, weights prepared by
+    ``weights``, ne (2*C_out, C_in, slots)) against torch's conv1d with the same activations: (ours, torch's)."""
     if c_out % VW or c_in % VW:
         pytest.skip(f"{c_in}/{c_out} channels: not multiples of the vector width {VW}")
-    rng = np.random.default_rng(c_in + d + t)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((bsz, c_in, t)).astype(np.float32)
     w = (rng.standard_normal((c_out, c_in, k)) / np.sqrt(c_in * k)).astype(np.float32)
     b = rng.standard_normal(c_out).astype(np.float32) if bias else None
@@ -123,14 +115,13 @@ def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in,
     if leaky_out is not None:
         ref = torch.nn.functional.leaky_relu(ref, leaky_out)
     ref = ref.numpy() + (r if residual else 0)
-    n = kernels.SPECTRAL_SIZE
     ctx = pg.Context()
     xt = ctx.new_tensor("f32", (c_in, t, bsz)).set_input()
-    wt = ctx.new_tensor("f32", (2 * c_out, c_in, n // 2)).set_input()
+    wt = ctx.new_tensor("f32", (2 * c_out, c_in, slots)).set_input()
     bt = ctx.new_tensor("f32", (c_out,)).set_input() if bias else None
     rt = ctx.new_tensor("f32", (c_out, t, bsz)).set_input() if residual else None
-    y = kernels.spectral_conv1d(ctx, xt, wt, bt, k, d, n, leaky_in, leaky_out, rt)
-    feed = {xt: x.transpose(0, 2, 1), wt: kernels.spectral_weights(w, n)}
+    y = conv(ctx, xt, wt, bt, leaky_in, leaky_out, rt)
+    feed = {xt: x.transpose(0, 2, 1), wt: weights(w)}
     if bias:
         feed[bt] = b
     if residual:
@@ -138,6 +129,26 @@ def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in,
     cpu.compute(pg.Graph(ctx, y), feed)
     got = y.get().reshape(bsz, t, c_out).transpose(0, 2, 1)
     assert np.abs(ref).max() > 1
+    return got, ref
+
+
+# HiFi-GAN's residual-block convolutions (7 and 11 taps, dilations 1/3/5) and its channel counts, a length shorter
+# than one block, a phase count that leaves an odd number of blocks (the padding block), a dilated span longer than
+# the input, more outputs than inputs, and each epilogue: input and output leaky ReLU, no bias, a residual
+@pytest.mark.parametrize("c_in,c_out,k,d,t,bsz,leaky_in,leaky_out,bias,residual", [
+    (32, 32, 11, 5, 1000, 1, 0.1, 0.1, True, False),
+    (64, 64, 7, 3, 333, 2, None, None, True, True),
+    (16, 16, 11, 1, 9, 1, 0.1, None, True, True),
+    (256, 256, 7, 1, 61, 1, None, 0.1, False, False),
+    (16, 48, 5, 9, 40, 3, 0.2, None, True, False),
+    (32, 32, 15, 5, 23, 1, None, None, True, True),
+])
+def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in, leaky_out, bias, residual):
+    n = kernels.SPECTRAL_SIZE
+    got, ref = _transformed_vs_torch(
+        cpu, c_in, c_out, k, d, t, bsz, leaky_in, leaky_out, bias, residual, c_in + d + t, n // 2,
+        lambda w: kernels.spectral_weights(w, n),
+        lambda ctx, x, w, b, li, lo, r: kernels.spectral_conv1d(ctx, x, w, b, k, d, n, li, lo, r))
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
@@ -151,35 +162,10 @@ def test_spectral_conv1d_matches_torch(cpu, c_in, c_out, k, d, t, bsz, leaky_in,
     (128, 128, 1, 2, 1, 0.1, 0.1, True, True),
 ])
 def test_winograd_conv1d_matches_torch(cpu, c_in, c_out, d, t, bsz, leaky_in, leaky_out, bias, residual):
-    if c_out % VW or c_in % VW:
-        pytest.skip(f"{c_in}/{c_out} channels: not multiples of the vector width {VW}")
-    rng = np.random.default_rng(c_in + d + t + 1)
-    x = rng.standard_normal((bsz, c_in, t)).astype(np.float32)
-    w = (rng.standard_normal((c_out, c_in, 3)) / np.sqrt(c_in * 3)).astype(np.float32)
-    b = rng.standard_normal(c_out).astype(np.float32) if bias else None
-    r = rng.standard_normal((bsz, c_out, t)).astype(np.float32) if residual else None
-    xi = torch.from_numpy(x)
-    if leaky_in is not None:
-        xi = torch.nn.functional.leaky_relu(xi, leaky_in)
-    ref = torch.nn.functional.conv1d(xi, torch.from_numpy(w), None if b is None else torch.from_numpy(b),
-                                     padding=d, dilation=d)
-    if leaky_out is not None:
-        ref = torch.nn.functional.leaky_relu(ref, leaky_out)
-    ref = ref.numpy() + (r if residual else 0)
-    ctx = pg.Context()
-    xt = ctx.new_tensor("f32", (c_in, t, bsz)).set_input()
-    wt = ctx.new_tensor("f32", (2 * c_out, c_in, 3)).set_input()
-    bt = ctx.new_tensor("f32", (c_out,)).set_input() if bias else None
-    rt = ctx.new_tensor("f32", (c_out, t, bsz)).set_input() if residual else None
-    y = kernels.winograd_conv1d(ctx, xt, wt, bt, d, leaky_in, leaky_out, rt)
-    feed = {xt: x.transpose(0, 2, 1), wt: kernels.winograd_weights(w)}
-    if bias:
-        feed[bt] = b
-    if residual:
-        feed[rt] = r.transpose(0, 2, 1)
-    cpu.compute(pg.Graph(ctx, y), feed)
-    got = y.get().reshape(bsz, t, c_out).transpose(0, 2, 1)
-    assert np.abs(ref).max() > 1
+    got, ref = _transformed_vs_torch(
+        cpu, c_in, c_out, 3, d, t, bsz, leaky_in, leaky_out, bias, residual, c_in + d + t + 1, 3,
+        kernels.winograd_weights,
+        lambda ctx, x, w, b, li, lo, r: kernels.winograd_conv1d(ctx, x, w, b, d, li, lo, r))
     # F(4,3)'s transforms scale rounding up a little: measured up to 2.2e-6 of the peak at 256 channels
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-6 * np.abs(ref).max())
 

@@ -135,9 +135,12 @@ class SameConv1d:
         self.padding = dilation * (kernel_size - 1) // 2
         self.fused = fused
         self.transform = transform_for(in_channels, out_channels, kernel_size) if fused and spectral else None
-        self.spectral = self.transform is not None
         self.lanes: Tensor | None = None     # the weight as ne (C_out, C_in*K), element (j*C_in + i)*C_out + o
         self.spectrum: Tensor | None = None  # the transformed weight, ne (2*C_out, C_in, slots)
+
+    @property
+    def spectral(self) -> bool:
+        return self.transform is not None
 
     @property
     def spectrum_array_slots(self) -> int:
