@@ -221,12 +221,22 @@ def test_usable_only_on_cpu_and_whole_vectors():
 
 
 @pytest.mark.parametrize("rows,heads,d,n,shared", [(1, 16, 64, 40, 0), (3, 4, 32, 17, 0), (16, 2, 64, 5, 0),
-                                                   (3, 4, 32, 17, 9), (16, 2, 64, 30, 30), (2, 16, 64, 40, 1)])
+                                                   (3, 4, 32, 17, 9), (16, 2, 64, 30, 30), (2, 16, 64, 40, 1),
+                                                   (1, 80, 32, 9, 0)])
 def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n, shared):
     """One query per row and head over a cache view (heads side by side per position, as KVCache lays them out),
-    positions masked out anywhere (not only past the end), more threads than rows (head groups). With ``shared``
-    the first positions are read from row 0 for every row: the other rows hold garbage there, which must not
-    count."""
+    positions masked out anywhere (not only past the end), more threads than rows (each row's positions split in
+    chunks whose softmax partials are merged). With ``shared`` the first positions are read from row 0 for every
+    row: the other rows hold garbage there, which must not count."""
+    _attend_case(cpu, rows, heads, d, n, shared)
+
+
+def test_attend_cache_more_threads_than_positions():
+    """4 threads for one row of 3 valid positions: 4 chunks, one of them empty, which the merge must skip."""
+    _attend_case(pg.Backend("cpu", threads=4), 1, 4, 32, 4, 0)
+
+
+def _attend_case(cpu, rows, heads, d, n, shared):
     if d % VW:
         pytest.skip(f"head size {d}: not a multiple of the vector width {VW}")
     rng = np.random.default_rng(rows + n)
@@ -261,10 +271,10 @@ def test_attend_cache_matches_softmax_attention(cpu, rows, heads, d, n, shared):
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("rhc,rhcd->rhd", p / p.sum(-1, keepdims=True), v4)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
-    with pytest.raises(pg.ShapeError, match="at most 64 heads"):
-        many = ctx.new_tensor("f32", (d, 1, 65, 1))
-        kv = ctx.new_tensor("f32", (d, cap, 65, 1))
-        kernels.attend_cache(ctx, many, kv, kv, mt, 0.125)
+    with pytest.raises(pg.ShapeError, match=f"at most {16 * VW}"):
+        wide = ctx.new_tensor("f32", (17 * VW, 1, 1, 1))
+        kv = ctx.new_tensor("f32", (17 * VW, cap, 1, 1))
+        kernels.attend_cache(ctx, wide, kv, kv, mt, 0.125)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["new", "inplace"])

@@ -24,7 +24,8 @@ struct tg_conv_params { int32_t taps; int32_t dilation; int32_t pad; int32_t hop
 void tg_conv1d(void * dst, int ith, int nth, void * userdata);
 void tg_lvc_gated(void * dst, int ith, int nth, void * userdata);
 struct tg_attend_params { float scale; };
-void tg_attend_cache(void * dst, int ith, int nth, void * userdata);
+void tg_attend_partial(void * dst, int ith, int nth, void * userdata);
+void tg_attend_merge(void * dst, int ith, int nth, void * userdata);
 struct tg_relpos_params { float scale; int32_t n; };
 void tg_relpos_softmax(void * dst, int ith, int nth, void * userdata);
 void tg_relpos_softmax_inplace(void * dst, void * a, void * b, int ith, int nth, void * userdata);
@@ -88,11 +89,14 @@ def choose_for(fused: bool | None, backend) -> bool:
                                           f"(kernels {'built' if available() else 'missing'})")
 
 
+# position chunks per step across all rows (a batch-1 step: 16, each thread takes whole chunks in order)
+ATTEND_SPLIT = 16
+
+
 def attend_cache_fits(head_dim: int, heads: int) -> bool:
-    """Whether ``attend_cache`` takes heads of this size and number (its per-thread scratch has room for 16
-    vectors per head and 64 heads)."""
+    """Whether ``attend_cache`` takes heads of this size and number (whole vectors, at most 16 per head)."""
     w = vector_width()
-    return w > 0 and head_dim % w == 0 and head_dim // w <= 16 and heads <= 64
+    return w > 0 and head_dim % w == 0 and head_dim // w <= 16 and heads >= 1
 
 
 def _userdata(struct: str, **fields) -> int:
@@ -170,7 +174,7 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
     w = vector_width()
     if tq != 1 or q.type.name != "F32" or q.nb[0] != 4 or not attend_cache_fits(d, h):
         raise ShapeError(f"attend_cache: q must be F32 ne (D, 1, H, R) with D a multiple of {w} (at most "
-                         f"{16 * w}) and at most 64 heads, got {q!r}")
+                         f"{16 * w}), got {q!r}")
     for name, t in (("k", k), ("v", v)):
         if t.type.name != "F32" or t.nb[0] != 4 or (t.ne[0], t.ne[2], t.ne[3]) != (d, h, r):
             raise ShapeError(f"attend_cache: {name} must be F32 ne ({d}, N, {h}, {r}), got {t!r}")
@@ -179,8 +183,11 @@ def attend_cache(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
                          f"got {mask!r}")
     if shared is not None and (shared.type.name != "I32" or shared.ne != (1, 1, 1, 1)):
         raise ShapeError(f"attend_cache: shared must be I32 ne (1,), got {shared!r}")
-    return ctx.custom(_fn("tg_attend_cache"), [q, k, v, mask] + ([shared] if shared is not None else []), (d, h, 1, r),
-                      userdata=_userdata("tg_attend_params", scale=float(scale)))
+    # the valid positions of each row in chunks that the threads share (whole positions each: see attend_cache.c)
+    chunks = max(1, ATTEND_SPLIT // r)
+    part = ctx.custom(_fn("tg_attend_partial"), [q, k, v, mask] + ([shared] if shared is not None else []),
+                      (d + 2, h, chunks, r), userdata=_userdata("tg_attend_params", scale=float(scale)))
+    return ctx.custom(_fn("tg_attend_merge"), [part], (d, h, 1, r))
 
 
 def relpos_softmax(ctx: Context, scores: Tensor, table: Tensor, n: int, scale: float, inplace: bool = False
