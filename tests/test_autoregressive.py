@@ -185,8 +185,8 @@ def test_decode_f16_cache(model_file, backend, oracle, ref, inputs):
 
 @pytest.mark.parametrize("fused", [None, False], ids=["cpu_kernels", "plain_ggml"])
 def test_q8_0_weights(small_gguf_q8, backend, inputs, ref_forward, oracle, ref, fused):
-    """Through the CPU kernels (the GPT's products of 3+ positions in kernels.q8_matmul where AVX-512 VNNI or AVX2
-    runs it) and through plain ggml ops."""
+    """Through the CPU kernels (the GPT's products in kernels.q8_matmul where AVX-512 VNNI or AVX2 runs it: the
+    decode steps' single positions in its row loop, the prompt's in panels) and through plain ggml ops."""
     with ModelFile(small_gguf_q8, backend, components=["autoregressive"]) as mf:
         uvq = UnifiedVoice(mf, backend, fused=fused)
         assert uvq.fused == (fused is None and kernels.usable(backend))

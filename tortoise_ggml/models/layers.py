@@ -15,9 +15,11 @@ from pyggml import Context, ShapeError, Tensor
 from .. import kernels
 
 # measured at the AR's full size (2 threads, AVX-512 VNNI), a decode step with ggml's dot products vs q8_matmul:
-# batch 1 13 vs 37 ms, batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms; on a Zen 3 (AVX2, the
-# product by VPMADDUBSW): batch 2 34 vs 32 ms, batch 4 46 vs 40 ms, batch 16 124 vs 89 ms
-Q8_MIN_COLUMNS = 2
+# batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms; on a Zen 3 (AVX2, the product by VPMADDUBSW):
+# batch 2 34 vs 32 ms, batch 4 46 vs 40 ms, batch 16 124 vs 89 ms. Batch 1 is q8_matmul's in-place row loop
+# (no repacking, ggml's arithmetic: the same sums bit for bit): a step's weight matrices alone took 15.8-20.0 ms in
+# ggml's mul_mat, 12.3-16.6 ms in it (interleaved runs, Zen 4, 2 threads)
+Q8_MIN_COLUMNS = 1
 # and for F32/F16 weights (tinyBLAS vs f32_matmul), f16 / f32 files: batch 8 44 vs 40 / 55 vs 61 ms, batch 16
 # 78 vs 59 / 113 vs 77 ms, an 80-token prefill 190-200 vs 156-166 / 217-231 vs 187-225 ms
 F32_MIN_COLUMNS = 16
@@ -30,9 +32,9 @@ def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, fused: b
     batch entry, each reading the whole weight matrix (a decode step over B rows would stream the weights B times).
     A weight in a repacked matmul layout (AMX) takes only a contiguous 2-D operand, so there x is always flattened.
 
-    ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs as kernels.q8_matmul for products of
-    Q8_MIN_COLUMNS positions and more (fewer, as a batch-1 decode step, read each weight once in ggml's dot
-    products, while q8_matmul repacks it first), an F32 or F16 one as kernels.f32_matmul from F32_MIN_COLUMNS.
+    ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs as kernels.q8_matmul (a single position, as
+    a batch-1 decode step, reads each row in place; more are multiplied in repacked panels), an F32 or F16 one as
+    kernels.f32_matmul from F32_MIN_COLUMNS.
     """
     columns = x.ne[1] * x.ne[2]
     if fused and x.type.name == "F32" and x.ne[3] == 1:
