@@ -199,8 +199,9 @@ class _GraphInputs:
                     self.optional.add(k)
         self.optional -= set(self.required)
         self.shape_only = shape_only - read      # leafs whose data is never read: they need no memory
-        # ids given as inputs: (input key, number of rows they index, op name)
-        self.ids: list[tuple[int, int, str]] = []
+        # ids given as inputs: (input key, number of rows they index, op name), once per input with the fewest rows
+        # any op indexes by it (a decode step's 60 set_rows all write at the same slots: one check, not 60)
+        tightest: dict[int, tuple[int, str]] = {}
         for p in nodes:
             if p.op == lib.GGML_OP_GET_ROWS:
                 ids, rows, name = p.src[1], int(p.src[0].ne[1]), "get_rows"
@@ -209,8 +210,9 @@ class _GraphInputs:
             else:
                 continue
             base = _input_base(ids, input_flag)
-            if base is not None:
-                self.ids.append((_key(base), rows, name))
+            if base is not None and (_key(base) not in tightest or rows < tightest[_key(base)][0]):
+                tightest[_key(base)] = (rows, name)
+        self.ids: list[tuple[int, int, str]] = [(k, rows, name) for k, (rows, name) in tightest.items()]
 
 
 def _key(p) -> int:

@@ -356,7 +356,8 @@ static void winograd_inverse_pair(struct ggml_tensor * dst, const struct tg_spec
             }                                                                                                     \
     }
 
-// 16 registers (AVX2): 12 accumulators, the two weight vectors and a broadcast; 32: twice the channels
+// 16 registers (AVX2): 12 accumulators, the two weight vectors and a broadcast; 32: twice the channels, and a
+// one-vector tile for the last VW output channels where C_out is an odd multiple of VW
 #if VREGS <= 16
 #define CMB 1
 #else
@@ -365,6 +366,10 @@ static void winograd_inverse_pair(struct ggml_tensor * dst, const struct tg_spec
 #define CNT 6
 DEFINE_CTILE(ctile_complex, CMB, CNT, 0)
 DEFINE_CTILE(ctile_pair, CMB, CNT, 1)
+#if CMB > 1
+DEFINE_CTILE(ctile_complex1, 1, CNT, 0)
+DEFINE_CTILE(ctile_pair1, 1, CNT, 1)
+#endif
 
 // blocks per group: their spectra (G x N/2 x 2*C floats) within ~256 KB of L2, and at least 24 so that the
 // weights, read once per group from L3, cost little against the group's products; a multiple of the tile
@@ -419,10 +424,17 @@ void tg_spectral_conv(struct ggml_tensor * dst, int ith, int nth, void * userdat
             const float * wf = (const float *) ((const char *) w->data + f * w->nb[2]);
             const float * xf = spec + f * xs_stride;
             float * yf = prod + f * ys_stride;
+            const int paired = f == 0 || p->winograd;
             for (int o = 0; o < c_out; o += CMB * VW) {
+                void (*tile)(const float *, size_t, int, const float *, int, int, float *, size_t) =
+                    paired ? ctile_pair : ctile_complex;
+#if CMB > 1
+                if (o + CMB * VW > c_out) {
+                    tile = paired ? ctile_pair1 : ctile_complex1;
+                }
+#endif
                 for (int64_t l = 0; l < padded; l += CNT) {
-                    (f == 0 || p->winograd ? ctile_pair : ctile_complex)(xf + l * 2 * c_in, 2 * c_in, c_in, wf,
-                                                                          c_out, o, yf + l * 2 * c_out, 2 * c_out);
+                    tile(xf + l * 2 * c_in, 2 * c_in, c_in, wf, c_out, o, yf + l * 2 * c_out, 2 * c_out);
                 }
             }
         }
