@@ -409,3 +409,34 @@ def test_signal_during_convert_leaves_no_part_file(small_ckpt_dir, tmp_path, sig
         assert not out.exists()
         return
     pytest.skip("the conversion finished before the .part file could be seen")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# atomic writes (wavs, latents, read's manifest)
+# ------------------------------------------------------------------------------------------------------------------
+def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
+    import os
+
+    from tortoise_ggml.api import write_wav
+    from tortoise_ggml.utils.files import atomic_path
+    out = tmp_path / "a.txt"
+    out.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(out) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("disk full")
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    with atomic_path(out) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert out.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask      # as open() makes it, not mkstemp's 0600
+    # a clip soundfile refuses half way (a sample rate of 0) fails without touching the file that was there
+    wav = tmp_path / "b.wav"
+    wav.write_bytes(b"keep")
+    with pytest.raises(Exception):
+        write_wav(wav, np.zeros(100, np.float32), sample_rate=0)
+    assert wav.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.wav"]

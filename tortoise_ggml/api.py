@@ -29,6 +29,7 @@ from .utils import audio
 from .utils.audio import denormalize_tacotron_mel, load_audio  # noqa: F401 (load_audio: part of the API)
 from .utils.checks import as_generator
 from .utils.diffusion import SpacedDiffusion, check_sampler, get_named_beta_schedule, space_timesteps
+from .utils.files import atomic_path
 from .utils.sampling import CALM_TOKEN, fix_autoregressive_output
 from .utils.text import TTS_TEXT_PAD, VoiceBpeTokenizer
 from .weights.model_file import ModelFile
@@ -648,18 +649,10 @@ def diffusion_frames(model_file, n_codes: int) -> int:
     return model_file.audio_config.diffusion_frames(n_codes, compression)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_wav(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> None:
     """Write a float waveform (samples,) or (1, samples) as 16-bit PCM (soundfile; the format from the extension,
     .wav when none). Atomic: written to a temporary file beside ``path``, then renamed, so a full disk or an
     interruption never leaves a truncated file (or destroys the one that was there)."""
-    import tempfile
-
     import soundfile
     wav = np.asarray(wav, np.float32)
     if wav.ndim == 2 and wav.shape[0] == 1:
@@ -673,13 +666,5 @@ def write_wav(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = OUTPU
         raise ValueError(f"{path}: unknown audio format {ext!r} (soundfile writes "
                          f"{', '.join(sorted(soundfile.available_formats()))})")
     subtype = "PCM_16" if ext[1:].upper() in ("WAV", "FLAC", "AIFF") else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         soundfile.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype=subtype, format=ext[1:].upper())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as a plain open() would have made it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

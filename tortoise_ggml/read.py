@@ -31,6 +31,7 @@ import numpy as np
 
 from .api import write_wav  # atomic: temp file + rename
 from .cli import add_generation_options, describe, fail, generation_overrides, user_errors
+from .utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +137,9 @@ def voice_seed(seed: int) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------------------------
-def _tmp_name(path: str) -> str:
-    d, name = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{name}.{os.getpid()}.tmp")
-
-
 def write_json_atomic(path: str, obj) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
 
 
 def read_wav(path: str) -> np.ndarray:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .utils.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
@@ -113,21 +115,15 @@ def save_latents(path: str | os.PathLike, latents) -> str:
     name and renamed, so a failed write leaves no partial file."""
     path = os.fspath(path)
     ar, diff = _pair(*latents, where=path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        if path.lower().endswith(".pth"):
-            torch = _torch(f"writing {path!r}")
+    if not path.lower().endswith((".pth", ".npz")):
+        raise VoiceError(f"{path}: latents files end in .npz (or .pth, tortoise's format)")
+    torch = _torch(f"writing {path!r}") if path.lower().endswith(".pth") else None
+    with atomic_path(path) as tmp:
+        if torch is not None:
             torch.save((torch.from_numpy(ar), torch.from_numpy(diff)), tmp)
-        elif path.lower().endswith(".npz"):
+        else:
             with open(tmp, "wb") as f:
                 np.savez(f, autoregressive=ar, diffusion=diff)
-        else:
-            raise VoiceError(f"{path}: latents files end in .npz (or .pth, tortoise's format)")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
