@@ -57,10 +57,11 @@ def _weight(backend, w):
 
 # the diffusion trunk's shapes (1x1 and k3 convs, qkv) at the small test size and a wider one; odd multiples of 16
 # rows (the last row tile of 16), column counts that are and are not multiples of the 6-column tile, one frame
-# (a single column: the in-place row loop, at a decode step's 1024 x 4096 too)
+# (1 to 4 columns: the in-place row loop, at a decode step's 1024 x 4096 too; 5 and more: panels)
 @pytest.mark.parametrize("m,c,taps,t,bsz", [
     (64, 64, 1, 37, 2), (192, 64, 1, 12, 1), (80, 32, 3, 25, 2), (1024, 256, 3, 47, 2), (16, 32, 1, 1, 1),
-    (48, 96, 3, 6, 1), (32, 32, 3, 1, 2), (1024, 4096, 1, 1, 1), (48, 96, 3, 1, 1),
+    (48, 96, 3, 6, 1), (32, 32, 3, 1, 2), (1024, 4096, 1, 1, 1), (48, 96, 3, 1, 1), (64, 64, 1, 3, 1),
+    (80, 32, 3, 2, 2), (32, 64, 1, 5, 1),
 ])
 @pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
 @q8

@@ -60,6 +60,7 @@
 #include "ggml.h"
 
 #define QK 32
+#define GEMV_MAX_COLUMNS 4  // columns multiplied in place (more: repacked panels)
 
 struct tg_q8_params {
     int32_t taps;      // tg_im2col, tg_q8_pack
@@ -430,11 +431,11 @@ static void q8_rows(const struct ggml_tensor * w, int64_t r0, int64_t m, int64_t
 #endif
 
 #ifdef TG_Q8
-// One activation column (a batch-1 decode step) reads each weight once, so repacking a panel costs more than the
-// product: here each row's blocks are dotted in place, one 256-bit integer dot and one scaled add per 32-block
+// A few activation columns (a batch-1 to -4 decode step) read each weight once, so repacking a panel costs more
+// than the product: here each row's blocks are dotted in place, for every column, one 256-bit integer dot and one scaled add per 32-block
 // (ggml's vec_dot_q8_0_q8_0 arithmetic, so the same sums: 8 float lanes per row, added as hsum_float_8 adds
 // them). ggml reaches it through its mul_mat, whose per-row calls, with one accumulator chain each, ran a decode
-// step's 400 MB of weights at 24 GB/s on 2 Zen 4 threads; this loop runs at 36-38 (the machine's read bandwidth).
+// step's 400 MB of weights at ~24 GB/s on 2 Zen 4 threads; this loop at 30-36 (the machine reads ~34).
 static inline __m256i dot_i8(__m256i ax, __m256i sy) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy);
@@ -450,24 +451,42 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// dst[r] for rows [r0, r1) = w[r] . x (+ bias) (+ res), x the packed column (q[K], d[K/32])
-static void q8_gemv(const struct ggml_tensor * w, int64_t r0, int64_t r1, int64_t nb, const int8_t * xq,
-                    const float * xd, float * dst, const float * bias, const float * res) {
+// dst[c*ldd + r] for rows [r0, r1) and the nc packed columns (q[K], d[K/32] each, xs bytes apart) = w[r] . x_c
+// (+ bias) (+ res): each weight block is loaded once for all the columns
+static inline __attribute__((always_inline)) void q8_rows_in_place(
+        const int nc, const struct ggml_tensor * w, int64_t r0, int64_t r1, int64_t nb, const int8_t * xc, size_t xs,
+        int64_t k, float * dst, size_t ldd, const float * bias, const float * res) {
     for (int64_t r = r0; r < r1; r++) {
         const block_q8 * row = (const block_q8 *) ((const char *) w->data + r * w->nb[1]);
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc[GEMV_MAX_COLUMNS];
+        for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const __m256i wv = _mm256_loadu_si256((const __m256i *) row[b].qs);
-            const __m256i xv = _mm256_loadu_si256((const __m256i *) (xq + b * QK));
-            const __m256i idot = dot_i8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            const __m256 d = _mm256_set1_ps(_cvtsh_ss(row[b].d) * xd[b]);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(idot), acc);
+            const __m256i aw = _mm256_sign_epi8(wv, wv);
+            const float dw = _cvtsh_ss(row[b].d);
+            for (int c = 0; c < nc; c++) {
+                const int8_t * xq = xc + c * xs;
+                const __m256i xv = _mm256_loadu_si256((const __m256i *) (xq + b * QK));
+                const __m256i idot = dot_i8(aw, _mm256_sign_epi8(xv, wv));
+                const __m256 d = _mm256_set1_ps(dw * ((const float *) (xq + k))[b]);
+                acc[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(idot), acc[c]);
+            }
         }
-        float v = hsum8(acc);
-        if (bias) v += bias[r];
-        if (res) v += res[r];
-        dst[r] = v;
+        for (int c = 0; c < nc; c++) {
+            float v = hsum8(acc[c]);
+            if (bias) v += bias[r];
+            if (res) v += res[c * ldd + r];
+            dst[c * ldd + r] = v;
+        }
     }
+}
+
+#define IN_PLACE_CASE(N) \
+    case N: q8_rows_in_place(N, w, r0, r1, nb, xc, xs, k, dst, ldd, bias, res); break;
+
+static void q8_in_place(int nc, const struct ggml_tensor * w, int64_t r0, int64_t r1, int64_t nb, const int8_t * xc,
+                        size_t xs, int64_t k, float * dst, size_t ldd, const float * bias, const float * res) {
+    switch (nc) { IN_PLACE_CASE(1) IN_PLACE_CASE(2) IN_PLACE_CASE(3) IN_PLACE_CASE(4) }
 }
 #endif
 
@@ -480,12 +499,11 @@ void tg_q8_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const struct ggml_tensor * rt = p->residual ? dst->src[2 + (p->bias != 0)] : NULL;
     const int64_t k = w->ne[0], m = w->ne[1], nb = k / QK, n = xp->ne[1] * xp->ne[2];
     const size_t xs = xp->nb[1], ldd = m;
-    if (n == 1) {  // contiguous row ranges, one per thread
+    if (n <= GEMV_MAX_COLUMNS) {  // contiguous row ranges, one per thread, read in place
         int64_t r0, r1;
         split(m, ith, nth, &r0, &r1);
-        const int8_t * xq = (const int8_t *) xp->data;
-        q8_gemv(w, r0, r1, nb, xq, (const float *) (xq + k), (float *) dst->data, bt ? (const float *) bt->data : NULL,
-                rt ? (const float *) rt->data : NULL);
+        q8_in_place((int) n, w, r0, r1, nb, (const int8_t *) xp->data, xs, k, (float *) dst->data, ldd,
+                    bt ? (const float *) bt->data : NULL, rt ? (const float *) rt->data : NULL);
         return;
     }
     // row tiles of TG_Q8_ROWS (AVX-512: a last one of 16 where M is an odd multiple of 16), dealt round robin to

@@ -16,9 +16,10 @@ from .. import kernels
 
 # measured at the AR's full size (2 threads, AVX-512 VNNI), a decode step with ggml's dot products vs q8_matmul:
 # batch 2 38 vs 20 ms, batch 4 52 vs 21 ms, batch 16 73 vs 31 ms; on a Zen 3 (AVX2, the product by VPMADDUBSW):
-# batch 2 34 vs 32 ms, batch 4 46 vs 40 ms, batch 16 124 vs 89 ms. Batch 1 is q8_matmul's in-place row loop
-# (no repacking, ggml's arithmetic: the same sums bit for bit): a step's weight matrices alone took 15.8-20.0 ms in
-# ggml's mul_mat, 12.3-16.6 ms in it (interleaved runs, Zen 4, 2 threads)
+# batch 2 34 vs 32 ms, batch 4 46 vs 40 ms, batch 16 124 vs 89 ms. Up to 4 positions q8_matmul reads the weights in
+# place (no repacking; one position is ggml's arithmetic, the same sums bit for bit): a step's weight matrices alone
+# took 15.8-20.0 ms in ggml's mul_mat, 12.3-16.6 ms in it, and at 2 / 4 positions 19-27 / 42-45 ms against the
+# panels' 38-41 / 46-50 (Zen 4, 2 threads)
 Q8_MIN_COLUMNS = 1
 # and for F32/F16 weights (tinyBLAS vs f32_matmul), f16 / f32 files: batch 8 44 vs 40 / 55 vs 61 ms, batch 16
 # 78 vs 59 / 113 vs 77 ms, an 80-token prefill 190-200 vs 156-166 / 217-231 vs 187-225 ms
