@@ -52,6 +52,11 @@ static inline float half_to_float(uint16_t h) {
     return out;
 }
 
+// Row r's cached keys (or values) at position ``at``, all heads: the shared prompt positions from row 0
+static inline const char * cached(const struct ggml_tensor * t, int64_t r, int64_t at, int64_t shared) {
+    return (const char *) t->data + (at < shared ? 0 : r * t->nb[3]) + at * t->nb[1];
+}
+
 // Chunks per row: as few as keep every thread busy (each has a per-chunk cost, and a chunk of fewer positions than
 // a vector takes its exps one by one), at most the partials' room. Both ops run in one graph, with the same nth.
 static inline int64_t used_chunks(int64_t rows, int64_t room, int nth) {
@@ -113,11 +118,8 @@ void tg_attend_partial(struct ggml_tensor * dst, int ith, int nth, void * userda
             mx[h] = -INFINITY;
         }
         // scores
-        const char * kb = (const char *) k->data + r * k->nb[3];
-        const char * kb0 = (const char *) k->data;
         for (int64_t c = 0; c < len; c++) {
-            const int64_t at = pos[c0 + c];
-            const char * kp = (at < shared ? kb0 : kb) + at * k->nb[1];
+            const char * kp = cached(k, r, pos[c0 + c], shared);
             for (int h = 0; h < heads; h++) {
                 const float * kh = (const float *) (kp + h * k->nb[2]);
                 const float * qh = qs + h * d;
@@ -149,11 +151,8 @@ void tg_attend_partial(struct ggml_tensor * dst, int ith, int nth, void * userda
             oh[d] = mx[h];
             oh[d + 1] = sum;
         }
-        const char * vb = (const char *) v->data + r * v->nb[3];
-        const char * vb0 = (const char *) v->data;
         for (int64_t c = 0; c < len; c++) {
-            const int64_t at = pos[c0 + c];
-            const char * vp = (at < shared ? vb0 : vb) + at * v->nb[1];
+            const char * vp = cached(v, r, pos[c0 + c], shared);
             for (int h = 0; h < heads; h++) {
                 const float * vh = (const float *) (vp + h * v->nb[2]);
                 const vf w = vsplat(s[h * span + c]);
