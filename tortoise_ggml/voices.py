@@ -115,7 +115,7 @@ def save_latents(path: str | os.PathLike, latents) -> str:
     name and renamed, so a failed write leaves no partial file."""
     path = os.fspath(path)
     ar, diff = _pair(*latents, where=path)
-    if not path.lower().endswith((".pth", ".npz")):
+    if not path.lower().endswith(LATENT_EXTS):
         raise VoiceError(f"{path}: latents files end in .npz (or .pth, tortoise's format)")
     torch = _torch(f"writing {path!r}") if path.lower().endswith(".pth") else None
     with atomic_path(path) as tmp:

@@ -431,10 +431,10 @@ static void q8_rows(const struct ggml_tensor * w, int64_t r0, int64_t m, int64_t
 #endif
 
 #ifdef TG_Q8
-// A few activation columns (a batch-1 to -4 decode step) read each weight once, so repacking a panel costs more
-// than the product: here each row's blocks are dotted in place, for every column, one 256-bit integer dot and one scaled add per 32-block
-// (ggml's vec_dot_q8_0_q8_0 arithmetic, so the same sums: 8 float lanes per row, added as hsum_float_8 adds
-// them). ggml reaches it through its mul_mat, whose per-row calls, with one accumulator chain each, ran a decode
+// A few activation columns (a decode step of 1-4 rows) read each weight once, so repacking a panel costs more
+// than the product: here each row's blocks are dotted in place against every column, one 256-bit integer dot
+// and one scaled add per 32-block (ggml's vec_dot_q8_0_q8_0 arithmetic, so one column gets ggml's sums: 8 float
+// lanes per row, added as hsum_float_8 adds them; simd.h's hsum adds in another order). ggml reaches it through its mul_mat, whose per-row calls, with one accumulator chain each, ran a decode
 // step's 400 MB of weights at ~24 GB/s on 2 Zen 4 threads; this loop at 30-36 (the machine reads ~34).
 static inline __m256i dot_i8(__m256i ax, __m256i sy) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

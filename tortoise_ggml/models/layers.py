@@ -33,8 +33,8 @@ def linear(ctx: Context, x: Tensor, w: Tensor, b: Tensor | None = None, fused: b
     batch entry, each reading the whole weight matrix (a decode step over B rows would stream the weights B times).
     A weight in a repacked matmul layout (AMX) takes only a contiguous 2-D operand, so there x is always flattened.
 
-    ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs as kernels.q8_matmul (a single position, as
-    a batch-1 decode step, reads each row in place; more are multiplied in repacked panels), an F32 or F16 one as
+    ``fused`` (the CPU, tortoise-ggml's kernels): a Q8_0 weight runs as kernels.q8_matmul (up to 4 positions, as a
+    decode step of 1-4 rows, read each row in place; more are multiplied in repacked panels), an F32 or F16 one as
     kernels.f32_matmul from F32_MIN_COLUMNS.
     """
     columns = x.ne[1] * x.ne[2]
